@@ -1,0 +1,348 @@
+// Package config is the typed configuration of an unlockrd image
+// (DESIGN §3): parsed strictly from YAML by the builder, validated at build
+// time, embedded in the image as JSON, and overridden at boot by the kernel
+// command line (DESIGN §4).
+//
+// It is shared by host-side and boot-side code, so it imports neither.
+package config
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"path"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/unlockrd/unlockrd/unlock/keyproto"
+	"github.com/unlockrd/unlockrd/unlock/pin"
+)
+
+// ImagePath is where the builder puts the configuration inside the image.
+const ImagePath = "etc/unlockrd/config.json"
+
+// Config is the whole configuration.
+type Config struct {
+	Key     Key      `yaml:"key" json:"key"`
+	Network Network  `yaml:"network" json:"network"`
+	Root    Root     `yaml:"root" json:"root"`
+	Volumes []Volume `yaml:"volumes" json:"volumes"`
+	Modules []string `yaml:"modules" json:"modules"`
+
+	// Boot holds what only the kernel command line sets.
+	Boot Boot `yaml:"-" json:"-"`
+}
+
+// Key configures where and how the key is fetched (DESIGN §5).
+type Key struct {
+	URLs  []string `yaml:"urls" json:"urls"`
+	Pins  []string `yaml:"pins" json:"pins"`
+	Host  string   `yaml:"host" json:"host"`
+	Token string   `yaml:"token" json:"token,omitempty"`
+	// AttemptTimeout bounds one request to one server.
+	AttemptTimeout Duration `yaml:"attempt_timeout" json:"attempt_timeout"`
+	// GiveUpAfter is 0 to retry forever, else the host reboots after it.
+	GiveUpAfter Duration `yaml:"give_up_after" json:"give_up_after"`
+}
+
+// Network configures stage 4.
+type Network struct {
+	// IP holds ip= values in the dracut/klibc forms; a single YAML string
+	// or a list. Empty means "dhcp".
+	IP   StringList `yaml:"ip" json:"ip,omitempty"`
+	Keep bool       `yaml:"keep" json:"keep"`
+}
+
+// Root is the real root file system.
+type Root struct {
+	Device  string   `yaml:"device" json:"device"`
+	FSType  string   `yaml:"fstype" json:"fstype,omitempty"`
+	Options []string `yaml:"options" json:"options,omitempty"`
+}
+
+// Volume is one LUKS2 partition to unlock: a data volume mounted inside the
+// new root, or swap.
+type Volume struct {
+	Name    string   `yaml:"name" json:"name"`
+	Device  string   `yaml:"device" json:"device"`
+	Mount   string   `yaml:"mount" json:"mount,omitempty"`
+	FSType  string   `yaml:"fstype" json:"fstype,omitempty"`
+	Options []string `yaml:"options" json:"options,omitempty"`
+	Swap    bool     `yaml:"swap" json:"swap,omitempty"`
+	// AllowDiscards passes TRIM through dm-crypt; off by default because
+	// it leaks which blocks are in use.
+	AllowDiscards bool `yaml:"allow_discards" json:"allow_discards,omitempty"`
+}
+
+// Boot is the part of the configuration that comes only from the kernel
+// command line.
+type Boot struct {
+	Init        string   // init= (default /sbin/init)
+	Nameservers []string // nameserver=
+	Debug       bool     // rd.unlockrd.debug
+	Host        string   // rd.unlockrd.host=
+	Token       string   // rd.unlockrd.token= (secret: never log it)
+	// ReadWrite is set by "rw", cleared by "ro"; nil leaves root.options alone.
+	ReadWrite *bool
+	// Warnings are printed by the init once the console is up.
+	Warnings []string
+}
+
+// Defaults applied by Normalize.
+const (
+	DefaultAttemptTimeout = 10 * time.Second
+	DefaultInit           = "/sbin/init"
+	DefaultIP             = "dhcp"
+)
+
+// Normalize fills defaults; it is idempotent.
+func (c *Config) Normalize() {
+	if c.Key.AttemptTimeout == 0 {
+		c.Key.AttemptTimeout = Duration(DefaultAttemptTimeout)
+	}
+	if c.Key.Host == "" {
+		c.Key.Host = "smbios-uuid"
+	}
+	if len(c.Network.IP) == 0 {
+		c.Network.IP = StringList{DefaultIP}
+	}
+	if c.Boot.Init == "" {
+		c.Boot.Init = DefaultInit
+	}
+	for i := range c.Modules {
+		c.Modules[i] = strings.ReplaceAll(c.Modules[i], "-", "_")
+	}
+}
+
+var (
+	nameRE   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}$`)
+	moduleRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
+	fstypeRE = regexp.MustCompile(`^[a-z0-9_.]+$`)
+)
+
+// Validate checks every field; the error names the first bad field.
+func (c *Config) Validate() error {
+	if len(c.Key.URLs) == 0 {
+		return fieldErr("key.urls", "at least one URL is required")
+	}
+	for i, u := range c.Key.URLs {
+		if err := ValidateURL(u); err != nil {
+			return fieldErr(fmt.Sprintf("key.urls[%d]", i), err.Error())
+		}
+	}
+	if len(c.Key.Pins) == 0 {
+		return fieldErr("key.pins", "at least one pin is required: the server is trusted only through a pin")
+	}
+	for i, p := range c.Key.Pins {
+		if _, err := pin.Parse(p); err != nil {
+			return fieldErr(fmt.Sprintf("key.pins[%d]", i), err.Error())
+		}
+	}
+	if err := validateSource("key.host", c.Key.Host, false); err != nil {
+		return err
+	}
+	if c.Key.Token != "" {
+		if err := validateSource("key.token", c.Key.Token, true); err != nil {
+			return err
+		}
+	}
+	if c.Key.AttemptTimeout < 0 {
+		return fieldErr("key.attempt_timeout", "must not be negative")
+	}
+	if c.Key.GiveUpAfter < 0 {
+		return fieldErr("key.give_up_after", "must not be negative")
+	}
+	if c.Root.Device == "" {
+		return fieldErr("root.device", "required")
+	}
+	if err := ValidateDeviceRef(c.Root.Device); err != nil {
+		return fieldErr("root.device", err.Error())
+	}
+	if c.Root.FSType != "" && !fstypeRE.MatchString(c.Root.FSType) {
+		return fieldErr("root.fstype", fmt.Sprintf("%q is not a file system type", c.Root.FSType))
+	}
+	names := map[string]bool{}
+	mounts := map[string]bool{}
+	for i, v := range c.Volumes {
+		f := fmt.Sprintf("volumes[%d]", i)
+		if !nameRE.MatchString(v.Name) {
+			return fieldErr(f+".name", fmt.Sprintf("%q is not a valid mapper name (letters, digits, _ . + -)", v.Name))
+		}
+		if names[v.Name] {
+			return fieldErr(f+".name", fmt.Sprintf("%q is used twice", v.Name))
+		}
+		names[v.Name] = true
+		if v.Device == "" {
+			return fieldErr(f+".device", "required")
+		}
+		if err := ValidateDeviceRef(v.Device); err != nil {
+			return fieldErr(f+".device", err.Error())
+		}
+		if v.Swap {
+			if v.Mount != "" || v.FSType != "" {
+				return fieldErr(f+".mount", "a swap volume has no mount point or fstype")
+			}
+			continue
+		}
+		if v.Mount == "" {
+			return fieldErr(f+".mount", "required for a non-swap volume")
+		}
+		if !path.IsAbs(v.Mount) || path.Clean(v.Mount) != v.Mount || v.Mount == "/" {
+			return fieldErr(f+".mount", fmt.Sprintf("%q must be a clean absolute path other than /", v.Mount))
+		}
+		if mounts[v.Mount] {
+			return fieldErr(f+".mount", fmt.Sprintf("%q is used twice", v.Mount))
+		}
+		mounts[v.Mount] = true
+		if v.FSType != "" && !fstypeRE.MatchString(v.FSType) {
+			return fieldErr(f+".fstype", fmt.Sprintf("%q is not a file system type", v.FSType))
+		}
+	}
+	for i, m := range c.Modules {
+		if !moduleRE.MatchString(m) {
+			return fieldErr(fmt.Sprintf("modules[%d]", i), fmt.Sprintf("%q is not a module name", m))
+		}
+	}
+	return nil
+}
+
+// FieldError names the configuration field that is wrong.
+type FieldError struct {
+	Field string
+	Msg   string
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Msg }
+
+func fieldErr(field, msg string) error { return &FieldError{Field: field, Msg: msg} }
+
+// ValidateURL checks a key URL: https, a host, no credentials, no fragment.
+func ValidateURL(s string) error {
+	u, err := url.Parse(strings.ReplaceAll(s, keyproto.HostPlaceholder, "HOST"))
+	if err != nil {
+		return fmt.Errorf("malformed URL %q: %v", s, err)
+	}
+	if u.Scheme != "https" {
+		return fmt.Errorf("URL %q: scheme must be https", s)
+	}
+	if u.Hostname() == "" {
+		return fmt.Errorf("URL %q: no host", s)
+	}
+	if u.User != nil {
+		return fmt.Errorf("URL %q: credentials in URLs are not allowed (use key.token)", s)
+	}
+	if u.Fragment != "" {
+		return fmt.Errorf("URL %q: fragment not allowed", s)
+	}
+	return nil
+}
+
+// validateSource checks key.host / key.token values.
+func validateSource(field, v string, token bool) error {
+	switch {
+	case v == "cmdline", v == "credential":
+		return nil
+	case !token && v == "smbios-uuid":
+		return nil
+	case token && strings.HasPrefix(v, "file:"):
+		if p := strings.TrimPrefix(v, "file:"); !path.IsAbs(p) {
+			return fieldErr(field, fmt.Sprintf("file:%s must be an absolute path inside the image", p))
+		}
+		return nil
+	case token:
+		return fieldErr(field, fmt.Sprintf("%q: want credential, cmdline or file:PATH (a literal token would sit on the unencrypted boot medium)", v))
+	}
+	if !hostRE.MatchString(v) {
+		return fieldErr(field, fmt.Sprintf("%q: want smbios-uuid, cmdline, credential or a literal host id (letters, digits, . _ -)", v))
+	}
+	return nil
+}
+
+var hostRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
+
+// ValidHostID reports whether s can be used as a host id in a URL path.
+func ValidHostID(s string) bool { return hostRE.MatchString(s) }
+
+// ValidateDeviceRef checks the syntax of a device reference.
+func ValidateDeviceRef(s string) error {
+	k, v, ok := strings.Cut(s, "=")
+	if !ok {
+		if strings.HasPrefix(s, "/dev/") && len(s) > len("/dev/") && path.Clean(s) == s {
+			return nil
+		}
+		return fmt.Errorf("%q: want UUID=, PARTUUID=, PARTLABEL=, LABEL= or a /dev/ path", s)
+	}
+	if v == "" {
+		return fmt.Errorf("%q: empty value", s)
+	}
+	switch k {
+	case "UUID", "PARTUUID":
+		if !uuidRE.MatchString(v) {
+			return fmt.Errorf("%q: %s is not a UUID", s, v)
+		}
+	case "PARTLABEL", "LABEL":
+	default:
+		return fmt.Errorf("%q: unknown reference kind %s (want UUID, PARTUUID, PARTLABEL or LABEL)", s, k)
+	}
+	return nil
+}
+
+var uuidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$|^[0-9a-fA-F]{4}-[0-9a-fA-F]{4}$|^[0-9a-fA-F]{16}$`)
+
+// Duration is a time.Duration written as "10s" (or 0) in YAML and JSON.
+type Duration time.Duration
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+func (d Duration) String() string { return time.Duration(d).String() }
+
+func parseDuration(s string) (Duration, error) {
+	if s == "0" {
+		return 0, nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a duration like 10s or 2m", s)
+	}
+	return Duration(v), nil
+}
+
+// MarshalJSON writes the duration as a string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(d.String()) }
+
+// UnmarshalJSON reads what MarshalJSON writes.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return err
+	}
+	v, err := parseDuration(s)
+	*d = v
+	return err
+}
+
+// StringList accepts a single string or a list of strings.
+type StringList []string
+
+// Embed returns the JSON form stored in the image.
+func (c *Config) Embed() ([]byte, error) {
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}
+
+// LoadEmbedded parses the JSON form stored in the image, strictly.
+func LoadEmbedded(b []byte) (*Config, error) {
+	var c Config
+	dec := json.NewDecoder(strings.NewReader(string(b)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&c); err != nil {
+		return nil, fmt.Errorf("embedded configuration: %w", err)
+	}
+	c.Normalize()
+	return &c, nil
+}

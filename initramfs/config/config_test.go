@@ -1,0 +1,175 @@
+package config
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+const goodPin = "sha256//7HIpactkIAq2Y49orFOOQKurWxmmSFZhBCoQYcRhJ3Y="
+
+const good = `
+key:
+  urls:
+    - https://keys-a.example.net:8443/v1/keys/{host}
+    - https://10.0.2.2:8443/v1/keys/{host}
+  pins:
+    - ` + goodPin + `
+  host: smbios-uuid
+  token: credential
+  attempt_timeout: 5s
+  give_up_after: 0
+network:
+  ip: dhcp
+  keep: false
+root:
+  device: PARTLABEL=root
+  fstype: ext4
+  options: [ro]
+volumes:
+  - name: data
+    device: PARTLABEL=data
+    mount: /var/lib/postgresql
+    fstype: ext4
+    options: [noatime]
+  - name: swap
+    device: PARTLABEL=swap
+    swap: true
+modules: [virtio_pci, virtio-blk, virtio_net, dm_crypt, ext4]
+`
+
+func TestParseGood(t *testing.T) {
+	c, err := Parse([]byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Key.AttemptTimeout.D() != 5*time.Second {
+		t.Errorf("attempt_timeout = %s", c.Key.AttemptTimeout)
+	}
+	if got := strings.Join(c.Modules, " "); got != "virtio_pci virtio_blk virtio_net dm_crypt ext4" {
+		t.Errorf("modules normalized to %q", got)
+	}
+	if len(c.Volumes) != 2 || !c.Volumes[1].Swap || c.Volumes[0].Mount != "/var/lib/postgresql" {
+		t.Errorf("volumes = %+v", c.Volumes)
+	}
+	// The embedded form round-trips.
+	b, err := c.Embed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := LoadEmbedded(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c2.Key.AttemptTimeout != c.Key.AttemptTimeout || c2.Volumes[0].Name != "data" || c2.Key.Pins[0] != goodPin {
+		t.Errorf("round trip lost data: %+v", c2)
+	}
+}
+
+func TestParseErrorsNameTheField(t *testing.T) {
+	for _, tc := range []struct {
+		name, from, to, field string
+	}{
+		{"unknown top key", "network:\n", "netwrok:\n", "netwrok"},
+		{"unknown nested key", "  keep: false", "  kep: false", "network.kep"},
+		{"unknown volume key", "    swap: true", "    swapp: true", "volumes[1].swapp"},
+		{"malformed pin", goodPin, "sha256//nope", "key.pins[0]"},
+		{"pin without prefix", goodPin, "7HIpactkIAq2Y49orFOOQKurWxmmSFZhBCoQYcRhJ3Y=", "key.pins[0]"},
+		{"http url", "https://keys-a", "http://keys-a", "key.urls[0]"},
+		{"missing root", "  device: PARTLABEL=root\n", "", "root.device"},
+		{"bad device ref", "device: PARTLABEL=data", "device: FOO=data", "volumes[0].device"},
+		{"bad uuid", "device: PARTLABEL=data", "device: UUID=xyz", "volumes[0].device"},
+		{"relative mount", "/var/lib/postgresql", "var/lib/postgresql", "volumes[0].mount"},
+		{"missing mount", "    mount: /var/lib/postgresql\n", "", "volumes[0].mount"},
+		{"duplicate name", "name: swap", "name: data", "volumes[1].name"},
+		{"bad duration", "5s", "5 parsecs", "attempt_timeout"},
+		{"literal token", "token: credential", "token: hunter2", "key.token"},
+		{"bad module", "dm_crypt,", "dm crypt,", "modules[3]"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := strings.Replace(good, tc.from, tc.to, 1)
+			if in == good {
+				t.Fatalf("test case did not change the input")
+			}
+			_, err := Parse([]byte(in))
+			if err == nil {
+				t.Fatalf("no error")
+			}
+			if !strings.Contains(err.Error(), tc.field) {
+				t.Errorf("error %q does not name %q", err, tc.field)
+			}
+		})
+	}
+}
+
+func TestFieldErrorType(t *testing.T) {
+	_, err := Parse([]byte(strings.Replace(good, goodPin, "sha256//x", 1)))
+	var fe *FieldError
+	if !errors.As(err, &fe) || fe.Field != "key.pins[0]" {
+		t.Fatalf("err = %v, want a FieldError for key.pins[0]", err)
+	}
+}
+
+func TestLoadEmbeddedRejectsUnknown(t *testing.T) {
+	if _, err := LoadEmbedded([]byte(`{"key":{},"extra":1}`)); err == nil {
+		t.Fatal("unknown field accepted")
+	}
+}
+
+func TestApplyCmdline(t *testing.T) {
+	c, err := Parse([]byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = c.ApplyCmdline(`console=ttyS0 root=PARTLABEL=other rw ip=eth0:dhcp ip=eth1:dhcp ` +
+		`rd.unlockrd.url=https://10.0.2.2:9443/k/{host} rd.unlockrd.pin=` + goodPin +
+		` rd.unlockrd.host=vm-7 rd.unlockrd.token=s3cret rd.unlockrd.keep-network init=/bin/sh "rootflags=data=ordered"`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Root.Device != "PARTLABEL=other" || c.Boot.Init != "/bin/sh" || !c.Network.Keep {
+		t.Errorf("overrides not applied: %+v %+v", c.Root, c.Boot)
+	}
+	if got := strings.Join(c.Root.Options, ","); got != "data=ordered,rw" {
+		t.Errorf("root options = %q", got)
+	}
+	if len(c.Network.IP) != 2 || c.Network.IP[1] != "eth1:dhcp" {
+		t.Errorf("ip = %v", c.Network.IP)
+	}
+	if len(c.Key.URLs) != 1 || c.Key.URLs[0] != "https://10.0.2.2:9443/k/{host}" {
+		t.Errorf("urls = %v", c.Key.URLs)
+	}
+	if c.Boot.Host != "vm-7" || c.Boot.Token != "s3cret" {
+		t.Errorf("host/token = %q/%q", c.Boot.Host, c.Boot.Token)
+	}
+	if len(c.Boot.Warnings) != 1 || !strings.Contains(c.Boot.Warnings[0], "/proc/cmdline") {
+		t.Errorf("no warning for the command-line token: %v", c.Boot.Warnings)
+	}
+}
+
+func TestApplyCmdlineBadValuesKeepConfig(t *testing.T) {
+	c, err := Parse([]byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = c.ApplyCmdline("rd.unlockrd.pin=sha256//bad rd.unlockrd.url=http://x/ root=NOPE=1 rd.unlockrd.bogus=1")
+	if err == nil {
+		t.Fatal("no error for bad parameters")
+	}
+	for _, want := range []string{"rd.unlockrd.pin", "rd.unlockrd.url", "root", "rd.unlockrd.bogus"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not name %s", err, want)
+		}
+	}
+	if c.Key.Pins[0] != goodPin || c.Root.Device != "PARTLABEL=root" || len(c.Key.URLs) != 2 {
+		t.Errorf("bad overrides were applied: %+v", c.Key)
+	}
+}
+
+func TestSplitCmdlineQuotes(t *testing.T) {
+	ps := SplitCmdline(`a=1 "b=two words" c`)
+	if len(ps) != 3 || ps[1].Key != "b" || ps[1].Value != "two words" || ps[2].HasValue {
+		t.Fatalf("got %+v", ps)
+	}
+}

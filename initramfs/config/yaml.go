@@ -1,0 +1,162 @@
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"reflect"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Parse reads a YAML configuration strictly: unknown keys, wrong types and
+// invalid values are errors naming the field. The result is normalized and
+// validated.
+func Parse(data []byte) (*Config, error) {
+	var root yaml.Node
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	if err := dec.Decode(&root); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("configuration is empty")
+		}
+		return nil, fmt.Errorf("YAML: %w", err)
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, errors.New("configuration holds more than one YAML document")
+	}
+	if err := checkKeys(&root, reflect.TypeOf(Config{}), ""); err != nil {
+		return nil, err
+	}
+	var c Config
+	if err := root.Decode(&c); err != nil {
+		return nil, typeErr(err)
+	}
+	c.Normalize()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+// checkKeys walks the YAML tree beside the Go type and reports the first key
+// the type does not have, with its full path, so the user sees
+// "key.pinz: unknown field" rather than a Go type name.
+func checkKeys(n *yaml.Node, t reflect.Type, at string) error {
+	if n.Kind == yaml.DocumentNode {
+		if len(n.Content) == 0 {
+			return nil
+		}
+		return checkKeys(n.Content[0], t, at)
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		if n.Kind != yaml.MappingNode {
+			if n.Tag == "!!null" {
+				return nil
+			}
+			return &FieldError{Field: orTop(at), Msg: fmt.Sprintf("line %d: want a mapping", n.Line)}
+		}
+		fields := map[string]reflect.StructField{}
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			name := strings.Split(f.Tag.Get("yaml"), ",")[0]
+			if name == "" || name == "-" {
+				continue
+			}
+			fields[name] = f
+		}
+		seen := map[string]bool{}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k, v := n.Content[i], n.Content[i+1]
+			p := join(at, k.Value)
+			f, ok := fields[k.Value]
+			if !ok {
+				return &FieldError{Field: p, Msg: fmt.Sprintf("line %d: unknown field", k.Line)}
+			}
+			if seen[k.Value] {
+				return &FieldError{Field: p, Msg: fmt.Sprintf("line %d: given twice", k.Line)}
+			}
+			seen[k.Value] = true
+			if err := checkKeys(v, f.Type, p); err != nil {
+				return err
+			}
+			// Decoding the field alone ties a type error to its path.
+			if err := v.Decode(reflect.New(f.Type).Interface()); err != nil {
+				return &FieldError{Field: p, Msg: strings.TrimPrefix(typeErr(err).Error(), "YAML: ")}
+			}
+		}
+	case reflect.Slice:
+		if n.Kind != yaml.SequenceNode {
+			return nil // scalars are checked by Decode (StringList takes one)
+		}
+		for i, c := range n.Content {
+			if err := checkKeys(c, t.Elem(), fmt.Sprintf("%s[%d]", at, i)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func join(at, k string) string {
+	if at == "" {
+		return k
+	}
+	return at + "." + k
+}
+
+func orTop(at string) string {
+	if at == "" {
+		return "(top level)"
+	}
+	return at
+}
+
+// typeErr rewrites yaml.v3's type errors, which name Go types, to name lines.
+func typeErr(err error) error {
+	var te *yaml.TypeError
+	if errors.As(err, &te) && len(te.Errors) > 0 {
+		return fmt.Errorf("YAML: %s", strings.Join(te.Errors, "; "))
+	}
+	var fe *FieldError
+	if errors.As(err, &fe) {
+		return fe
+	}
+	return fmt.Errorf("YAML: %w", err)
+}
+
+// UnmarshalYAML reads "10s", "2m" or 0.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return fmt.Errorf("line %d: want a duration like 10s", n.Line)
+	}
+	v, err := parseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %v", n.Line, err)
+	}
+	*d = v
+	return nil
+}
+
+// UnmarshalYAML accepts a scalar or a sequence of scalars.
+func (l *StringList) UnmarshalYAML(n *yaml.Node) error {
+	switch n.Kind {
+	case yaml.ScalarNode:
+		*l = StringList{n.Value}
+		return nil
+	case yaml.SequenceNode:
+		var s []string
+		if err := n.Decode(&s); err != nil {
+			return err
+		}
+		*l = s
+		return nil
+	}
+	return fmt.Errorf("line %d: want a string or a list of strings", n.Line)
+}

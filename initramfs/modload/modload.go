@@ -1,0 +1,198 @@
+// Package modload is boot stage 3: it loads the kernel modules the image
+// carries, in the dependency order the builder computed and wrote to
+// /etc/unlockrd/modules.json.
+//
+// Modules whose dependencies are all loaded are loaded concurrently: module
+// init functions probe hardware and can sleep, and under emulation the
+// difference between a serial and a parallel load is over a second.
+package modload
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// ListPath is where the builder writes the load list inside the image.
+const ListPath = "etc/unlockrd/modules.json"
+
+// Module is one entry of the load list.
+type Module struct {
+	Name string   `json:"name"`
+	Path string   `json:"path"` // relative to the image root
+	Deps []string `json:"deps"`
+	// Optional modules (CPU-specific accelerations, soft dependencies)
+	// may fail to load without failing the boot.
+	Optional bool `json:"optional"`
+}
+
+// Logger receives one line per noteworthy event.
+type Logger interface {
+	Printf(format string, v ...any)
+}
+
+// Result summarises a load.
+type Result struct {
+	Loaded   int // newly loaded
+	Present  int // already loaded or built in
+	Failed   []string
+	Duration time.Duration
+}
+
+func (r Result) String() string {
+	s := fmt.Sprintf("%d loaded", r.Loaded)
+	if r.Present > 0 {
+		s += fmt.Sprintf(", %d already present", r.Present)
+	}
+	if len(r.Failed) > 0 {
+		s += fmt.Sprintf(", optional failed: %s", strings.Join(r.Failed, " "))
+	}
+	return s
+}
+
+// ReadList reads the load list from root (the image root, "/" at boot).
+func ReadList(root string) ([]Module, error) {
+	b, err := os.ReadFile(filepath.Join(root, ListPath))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("module list: %w", err)
+	}
+	var mods []Module
+	if err := json.Unmarshal(b, &mods); err != nil {
+		return nil, fmt.Errorf("module list %s: %w", ListPath, err)
+	}
+	return mods, nil
+}
+
+// Loader loads one module file; tests replace it.
+type Loader func(path string) error
+
+// FileLoader loads with finit_module(2). Compressed modules are handed to
+// the kernel as they are (MODULE_INIT_COMPRESSED_FILE): the builder keeps
+// them compressed only for kernels that decompress modules themselves.
+// Decompressing here instead would link three decompressors into PID 1.
+func FileLoader(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	flags := 0
+	switch filepath.Ext(path) {
+	case ".xz", ".zst", ".gz":
+		flags = moduleInitCompressedFile
+	}
+	return unix.FinitModule(int(f.Fd()), "", flags)
+}
+
+// moduleInitCompressedFile is MODULE_INIT_COMPRESSED_FILE (Linux 6.x).
+const moduleInitCompressedFile = 4
+
+// Load loads mods under root. Every module waits only for its own
+// dependencies. A required module that fails fails the stage, naming it;
+// modules that depend on a failed one are not attempted.
+func Load(ctx context.Context, root string, mods []Module, load Loader, log Logger) (Result, error) {
+	start := time.Now()
+	if load == nil {
+		load = FileLoader
+	}
+	type state struct {
+		done chan struct{}
+		err  error
+	}
+	st := make(map[string]*state, len(mods))
+	for _, m := range mods {
+		st[m.Name] = &state{done: make(chan struct{})}
+	}
+	var (
+		mu  sync.Mutex
+		res Result
+		wg  sync.WaitGroup
+	)
+	for _, m := range mods {
+		m := m
+		s := st[m.Name]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer close(s.done)
+			for _, d := range m.Deps {
+				ds, ok := st[d]
+				if !ok {
+					continue // built in, or resolved at build time
+				}
+				select {
+				case <-ds.done:
+				case <-ctx.Done():
+					s.err = ctx.Err()
+					return
+				}
+				if ds.err != nil && !isOptionalErr(ds.err) {
+					s.err = fmt.Errorf("module %s: dependency %s failed", m.Name, d)
+					return
+				}
+			}
+			err := load(filepath.Join(root, m.Path))
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err == nil:
+				res.Loaded++
+			case errors.Is(err, unix.EEXIST):
+				res.Present++
+			case m.Optional:
+				res.Failed = append(res.Failed, m.Name)
+				s.err = optionalErr{fmt.Errorf("module %s: %w", m.Name, err)}
+				log.Printf("module %s (optional) not loaded: %v", m.Name, err)
+			default:
+				s.err = fmt.Errorf("module %s (%s): %w", m.Name, m.Path, err)
+			}
+		}()
+	}
+	wg.Wait()
+	res.Duration = time.Since(start)
+	var errs []error
+	for _, m := range mods {
+		if e := st[m.Name].err; e != nil && !isOptionalErr(e) {
+			errs = append(errs, e)
+		}
+	}
+	return res, errors.Join(errs...)
+}
+
+type optionalErr struct{ error }
+
+func (o optionalErr) Unwrap() error { return o.error }
+
+func isOptionalErr(err error) bool {
+	var o optionalErr
+	return errors.As(err, &o)
+}
+
+// CheckRelease compares the kernel release the image was built for with
+// the running kernel. A mismatch means no module will load.
+func CheckRelease(root string) error {
+	want, err := os.ReadFile(filepath.Join(root, "etc/unlockrd/release"))
+	if err != nil {
+		return nil // image without modules
+	}
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return fmt.Errorf("uname: %w", err)
+	}
+	have := unix.ByteSliceToString(u.Release[:])
+	if w := strings.TrimSpace(string(want)); w != have {
+		return fmt.Errorf("image was built for kernel %s but the running kernel is %s: its modules cannot load", w, have)
+	}
+	return nil
+}

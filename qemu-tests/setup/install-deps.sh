@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the demo, tests and benchmarks need.
+# Idempotent: does nothing when everything is already there.
+set -euo pipefail
+pkgs=(qemu-system-x86 qemu-utils cryptsetup-bin e2fsprogs fdisk dnsmasq-base ipxe-qemu kmod zstd xz-utils iproute2 ca-certificates)
+[ "$#" -gt 0 ] && pkgs+=("$@")
+missing=()
+for p in "${pkgs[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+[ "${#missing[@]}" -eq 0 ] && exit 0
+if [ "$(id -u)" -ne 0 ]; then
+	echo "install-deps: need root to install: ${missing[*]}" >&2
+	exit 1
+fi
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq || apt-get update
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,96 @@
+package volumes
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"os"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// swapPage is the page size the swap header is laid out for (x86-64).
+const swapPage = 4096
+
+// EnsureSwap writes a swap signature into an unlocked swap mapping that
+// lacks one, then enables it. It is only ever called on a mapping this
+// stage opened with a key, so the write goes through dm-crypt into space
+// reserved for swap.
+func EnsureSwap(path string, log Logger) error {
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_EXCL, 0)
+	if err != nil {
+		return fmt.Errorf("swap %s: %w", path, err)
+	}
+	defer f.Close()
+	page := make([]byte, swapPage)
+	if _, err := f.ReadAt(page, 0); err != nil {
+		return fmt.Errorf("swap %s: read header: %w", path, err)
+	}
+	if string(page[swapPage-10:]) != "SWAPSPACE2" {
+		size, err := blockSize(f)
+		if err != nil {
+			return fmt.Errorf("swap %s: size: %w", path, err)
+		}
+		hdr, err := swapHeader(size)
+		if err != nil {
+			return fmt.Errorf("swap %s: %w", path, err)
+		}
+		if _, err := f.WriteAt(hdr, 0); err != nil {
+			return fmt.Errorf("swap %s: write signature: %w", path, err)
+		}
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("swap %s: sync: %w", path, err)
+		}
+		log.Printf("swap %s: no signature inside the unlocked mapping, wrote one (%d MiB)", path, size>>20)
+	}
+	f.Close()
+	if err := swapon(path); err != nil {
+		return fmt.Errorf("swapon %s: %w", path, err)
+	}
+	return nil
+}
+
+// swapHeader lays out a version-1 swap header (what mkswap writes): boot
+// block, then version, last page, bad-page count, UUID and label, with the
+// magic at the end of the first page.
+func swapHeader(size uint64) ([]byte, error) {
+	pages := size / swapPage
+	if pages < 10 {
+		return nil, fmt.Errorf("%d bytes is too small for swap", size)
+	}
+	// The header counts pages in 32 bits; the kernel ignores the rest.
+	pages = min(pages, 1<<32)
+	h := make([]byte, swapPage)
+	binary.LittleEndian.PutUint32(h[1024:], 1)               // version
+	binary.LittleEndian.PutUint32(h[1028:], uint32(pages-1)) // last_page
+	binary.LittleEndian.PutUint32(h[1032:], 0)               // nr_badpages
+	if _, err := rand.Read(h[1036:1052]); err != nil {       // uuid
+		return nil, err
+	}
+	h[1036+6] = h[1036+6]&0x0f | 0x40
+	h[1036+8] = h[1036+8]&0x3f | 0x80
+	copy(h[swapPage-10:], "SWAPSPACE2")
+	return h, nil
+}
+
+// blockSize asks the kernel for a block device's size in bytes.
+func blockSize(f *os.File) (uint64, error) {
+	var size uint64
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.BLKGETSIZE64, uintptr(unsafe.Pointer(&size)))
+	if errno != 0 {
+		return 0, errno
+	}
+	return size, nil
+}
+
+func swapon(path string) error {
+	p, err := unix.BytePtrFromString(path)
+	if err != nil {
+		return err
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_SWAPON, uintptr(unsafe.Pointer(p)), 0, 0); errno != 0 {
+		return errno
+	}
+	return nil
+}
