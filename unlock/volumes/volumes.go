@@ -138,35 +138,45 @@ func unlockOne(ctx context.Context, p Prepared, keys [][]byte, opt Options) (Ope
 	if err := dev.FlagsAdd(flags...); err != nil {
 		return Opened{}, fmt.Errorf("volume %s: flags: %w", name, err)
 	}
+	v, slot, ki, err := findKey(ctx, dev, p.Header, keys)
+	if err != nil {
+		return Opened{}, fmt.Errorf("volume %s on %s: %w", name, p.Dev.Path, err)
+	}
+	err = checkVolume(v, p.Header)
+	if err == nil {
+		err = v.SetupMapper(name)
+	}
+	wipeVolumeKey(v)
+	if err != nil {
+		return Opened{}, fmt.Errorf("volume %s: device-mapper: %w", name, err)
+	}
+	path, err := mapperNode(opt.MapperDir, name)
+	if err != nil {
+		return Opened{}, fmt.Errorf("volume %s: %w", name, err)
+	}
+	return Opened{Spec: p.Spec, Path: path, Slot: slot, Key: ki}, nil
+}
+
+// findKey tries every key on every usable keyslot, keys in server order
+// (current first) and slots by priority. It only reads the device.
+func findKey(ctx context.Context, dev luks.Device, h *Header, keys [][]byte) (*luks.Volume, int, int, error) {
+	slots := h.SlotOrder()
 	for ki, key := range keys {
-		for _, slot := range p.Header.SlotOrder() {
+		for _, slot := range slots {
 			if err := ctx.Err(); err != nil {
-				return Opened{}, fmt.Errorf("volume %s: %w", name, err)
+				return nil, 0, 0, err
 			}
 			v, err := dev.UnsealVolume(slot, key)
 			if errors.Is(err, luks.ErrPassphraseDoesNotMatch) {
 				continue
 			}
 			if err != nil {
-				return Opened{}, fmt.Errorf("volume %s keyslot %d: %w", name, slot, err)
+				return nil, 0, 0, fmt.Errorf("keyslot %d: %w", slot, err)
 			}
-			err = checkVolume(v, p.Header)
-			if err == nil {
-				err = v.SetupMapper(name)
-			}
-			wipeVolumeKey(v)
-			if err != nil {
-				return Opened{}, fmt.Errorf("volume %s: device-mapper: %w", name, err)
-			}
-			path, err := mapperNode(opt.MapperDir, name)
-			if err != nil {
-				return Opened{}, fmt.Errorf("volume %s: %w", name, err)
-			}
-			return Opened{Spec: p.Spec, Path: path, Slot: slot, Key: ki}, nil
+			return v, slot, ki, nil
 		}
 	}
-	return Opened{}, fmt.Errorf("volume %s on %s: %w (%d keys tried on %d keyslots); nothing was written to it",
-		name, p.Dev.Path, ErrNoKey, len(keys), len(p.Header.SlotOrder()))
+	return nil, 0, 0, fmt.Errorf("%w (%d keys tried on %d keyslots); nothing was written to it", ErrNoKey, len(keys), len(slots))
 }
 
 // checkVolume compares what luks.go is about to map with the header we

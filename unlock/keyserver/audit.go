@@ -1,0 +1,56 @@
+package keyserver
+
+import (
+	"encoding/json"
+	"io"
+	"sync"
+	"time"
+)
+
+// Outcomes recorded in AuditEvent.Outcome.
+const (
+	OutcomeOK               = "ok"
+	OutcomeNoToken          = "no_token"
+	OutcomeBadToken         = "bad_token"
+	OutcomeRevoked          = "revoked"
+	OutcomeUnknownHost      = "unknown_host"
+	OutcomeBadHost          = "bad_host"
+	OutcomeRateLimited      = "rate_limited"
+	OutcomeMethodNotAllowed = "method_not_allowed"
+	OutcomeNotFound         = "not_found"
+	OutcomeBusy             = "busy"
+	OutcomeError            = "error"
+	OutcomeHealth           = "health"
+)
+
+// AuditEvent describes one request. It never holds key material or
+// tokens: only who asked for what and how it was answered.
+type AuditEvent struct {
+	Time       time.Time `json:"time"`
+	Remote     string    `json:"remote"`
+	Method     string    `json:"method"`
+	Path       string    `json:"path"` // escaped path, truncated; never the query
+	Host       string    `json:"host,omitempty"`
+	Status     int       `json:"status"`
+	Outcome    string    `json:"outcome"`
+	KeyIDs     []string  `json:"key_ids,omitempty"`
+	DurationMS float64   `json:"duration_ms"`
+	Error      string    `json:"error,omitempty"` // internal failures only
+}
+
+// JSONAudit returns an audit sink writing one JSON object per line to w.
+// Lines are written whole, one at a time, so concurrent requests can't
+// interleave them.
+func JSONAudit(w io.Writer) func(AuditEvent) {
+	var mu sync.Mutex
+	return func(ev AuditEvent) {
+		b, err := json.Marshal(ev)
+		if err != nil {
+			return
+		}
+		b = append(b, '\n')
+		mu.Lock()
+		defer mu.Unlock()
+		w.Write(b)
+	}
+}

@@ -1,0 +1,62 @@
+package keyserver
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"log"
+	"net"
+	"net/http"
+	"time"
+)
+
+// Limits of the HTTP server. Key requests are one small GET; anything
+// slower or bigger is a misbehaving or hostile client.
+const (
+	ReadHeaderTimeout = 5 * time.Second
+	ReadTimeout       = 10 * time.Second
+	WriteTimeout      = 10 * time.Second
+	IdleTimeout       = 60 * time.Second
+	MaxHeaderBytes    = 8 << 10
+)
+
+// NewHTTPServer wraps h in an http.Server with the timeouts and header
+// limit above and TLS 1.2+ with cert. errLog receives connection-level
+// errors (handshake failures); nil means log.Default().
+func NewHTTPServer(h http.Handler, cert tls.Certificate, errLog *log.Logger) *http.Server {
+	if errLog == nil {
+		errLog = log.Default()
+	}
+	return &http.Server{
+		Handler:           http.MaxBytesHandler(h, 0), // no request has a body
+		ReadHeaderTimeout: ReadHeaderTimeout,
+		ReadTimeout:       ReadTimeout,
+		WriteTimeout:      WriteTimeout,
+		IdleTimeout:       IdleTimeout,
+		MaxHeaderBytes:    MaxHeaderBytes,
+		ErrorLog:          errLog,
+		TLSConfig: &tls.Config{
+			MinVersion:   tls.VersionTLS12,
+			Certificates: []tls.Certificate{cert},
+		},
+	}
+}
+
+// Serve runs srv over TLS on ln until ctx is done, then shuts down,
+// letting requests in flight finish for up to grace.
+func Serve(ctx context.Context, srv *http.Server, ln net.Listener, grace time.Duration) error {
+	errc := make(chan error, 1)
+	go func() { errc <- srv.ServeTLS(ln, "", "") }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	err := srv.Shutdown(sctx)
+	if serr := <-errc; !errors.Is(serr, http.ErrServerClosed) && err == nil {
+		err = serr
+	}
+	return err
+}

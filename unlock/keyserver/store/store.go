@@ -1,0 +1,99 @@
+// Package store defines how the key service keeps host records, so the
+// HTTP handler and the admin commands don't depend on one database.
+//
+// The interface is shaped for a replicated store with compare-and-swap
+// (etcd) as much as for the local bbolt file: every change is either a
+// create-if-absent or a read-modify-write through Update, which such a store
+// implements as "read at revision R, write if still at R, else retry".
+package store
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"time"
+)
+
+// State says whether a host may fetch its keys.
+type State string
+
+// Host states. A revoked host keeps its sealed keys (the operator may still
+// need them to recover the disk) but the server no longer hands them out.
+const (
+	Active  State = "active"
+	Revoked State = "revoked"
+)
+
+// SealedKey is one LUKS passphrase of a host, sealed under the master key.
+// Sealed is opaque to the store.
+type SealedKey struct {
+	ID      string    `json:"id"`
+	Sealed  []byte    `json:"sealed"`
+	Created time.Time `json:"created"`
+}
+
+// Host is the record of one host. Keys are ordered as they are served: the
+// current key first, then the others during a rotation.
+type Host struct {
+	ID        string      `json:"id"`
+	Keys      []SealedKey `json:"keys"`
+	TokenHash []byte      `json:"token_hash,omitempty"`
+	State     State       `json:"state"`
+	Created   time.Time   `json:"created"`
+	Updated   time.Time   `json:"updated"`
+	// Version is managed by the store: 1 after Create, +1 on every Update.
+	// It lets callers (and a CAS-based store) detect concurrent changes.
+	Version uint64 `json:"version"`
+}
+
+// Clone returns a deep copy, so a caller can't alter a store's cached or
+// in-flight record through shared slices.
+func (h Host) Clone() Host {
+	c := h
+	c.TokenHash = slices.Clone(h.TokenHash)
+	c.Keys = make([]SealedKey, len(h.Keys))
+	for i, k := range h.Keys {
+		c.Keys[i] = k
+		c.Keys[i].Sealed = slices.Clone(k.Sealed)
+	}
+	return c
+}
+
+// Errors a Store wraps, so callers can map them to answers with errors.Is.
+var (
+	ErrNotFound = errors.New("host not found")
+	ErrExists   = errors.New("host already exists")
+	// ErrBusy: the store could not be reached in time (for bbolt: another
+	// process holds the file lock). Worth retrying.
+	ErrBusy = errors.New("store busy")
+	// ErrCorrupt: the data can't be read as host records.
+	ErrCorrupt = errors.New("store data corrupt")
+)
+
+// Store keeps host records. Implementations are safe for concurrent use,
+// from several goroutines and, for stores backed by files or servers, from
+// several processes.
+type Store interface {
+	// Get returns the record of host id, or an error wrapping ErrNotFound.
+	Get(ctx context.Context, id string) (Host, error)
+	// List returns every record, ordered by id.
+	List(ctx context.Context) ([]Host, error)
+	// Create stores a new record (Version is set to 1), or fails with
+	// ErrExists without changing anything.
+	Create(ctx context.Context, h Host) error
+	// Update atomically applies fn to the current record of host id and
+	// stores the result with Version+1. If fn returns an error nothing is
+	// written and the error is returned. fn may run more than once (a CAS
+	// store retries on conflict), so it must not have side effects beyond h.
+	// fn may not change h.ID.
+	Update(ctx context.Context, id string, fn func(h *Host) error) (Host, error)
+	// Delete removes the record of host id (ErrNotFound if absent).
+	Delete(ctx context.Context, id string) error
+	// MasterKeyID records proposed as the id of the master key the keys are
+	// sealed under, if no id is recorded yet, and returns the recorded id.
+	// An empty proposal only reads (and may return ""). This lets a server
+	// refuse to start with the wrong master key instead of failing per host.
+	MasterKeyID(ctx context.Context, proposed string) (string, error)
+	// Close releases the store.
+	Close() error
+}

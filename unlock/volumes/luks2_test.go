@@ -1,0 +1,293 @@
+package volumes
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/anatol/luks.go"
+)
+
+const testUUID = "11111111-2222-3333-4444-555555555555"
+
+// format makes a LUKS2 volume file with the real cryptsetup, one keyslot
+// per key (pbkdf2 with minimal iterations: the keys are random).
+func format(t *testing.T, keys ...[]byte) string {
+	t.Helper()
+	if _, err := exec.LookPath("cryptsetup"); err != nil {
+		t.Fatalf("cryptsetup is required (make deps): %v", err)
+	}
+	dir := t.TempDir()
+	img := filepath.Join(dir, "vol.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	pbkdf := []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--hash", "sha256"}
+	for i, k := range keys {
+		kf := filepath.Join(dir, "key")
+		if err := os.WriteFile(kf, k, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var args []string
+		if i == 0 {
+			args = append([]string{"luksFormat", "--type", "luks2", "--batch-mode", "--cipher", "aes-xts-plain64",
+				"--key-size", "512", "--uuid", testUUID, "--label", "data",
+				"--luks2-metadata-size", "16k", "--luks2-keyslots-size", "1m", "--key-file", kf}, pbkdf...)
+			args = append(args, img)
+		} else {
+			prev := filepath.Join(dir, "prev")
+			if err := os.WriteFile(prev, keys[0], 0o600); err != nil {
+				t.Fatal(err)
+			}
+			args = append([]string{"luksAddKey", "--batch-mode", "--key-file", prev}, pbkdf...)
+			args = append(args, img, kf)
+		}
+		if out, err := exec.Command("cryptsetup", args...).CombinedOutput(); err != nil {
+			t.Fatalf("cryptsetup %v: %v\n%s", args[0], err, out)
+		}
+	}
+	return img
+}
+
+func readHeaderFile(t *testing.T, path string) (*Header, error) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	return ReadHeader(f)
+}
+
+// editJSON rewrites the JSON metadata of one header copy (0 primary, 1
+// secondary) the way an attacker with write access would: edit, then
+// recompute the checksum, which authenticates nothing.
+func editJSON(t *testing.T, path string, copyIdx int, edit func(m map[string]any)) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := int(binary.BigEndian.Uint64(b[8:16]))
+	off := copyIdx * size
+	hdr := b[off : off+size]
+	js := hdr[4096:]
+	js = js[:bytes.IndexByte(js, 0)]
+	var m map[string]any
+	if err := json.Unmarshal(js, &m); err != nil {
+		t.Fatal(err)
+	}
+	edit(m)
+	nj, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	area := hdr[4096:]
+	clear(area)
+	copy(area, nj)
+	clear(hdr[0x1c0 : 0x1c0+64])
+	sum := sha256.Sum256(hdr)
+	copy(hdr[0x1c0:], sum[:])
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func editBoth(t *testing.T, path string, edit func(m map[string]any)) {
+	editJSON(t, path, 0, edit)
+	editJSON(t, path, 1, edit)
+}
+
+func seg0(m map[string]any) map[string]any {
+	return m["segments"].(map[string]any)["0"].(map[string]any)
+}
+
+func TestValidHeaderAccepted(t *testing.T) {
+	img := format(t, []byte("k1"))
+	h, err := readHeaderFile(t, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.UUID != testUUID || h.Label != "data" || h.Secondary {
+		t.Fatalf("header = %+v", h)
+	}
+	p := DefaultPolicy()
+	p.UUID = testUUID
+	if err := p.Validate(h); err != nil {
+		t.Fatal(err)
+	}
+	// Oracle: luksDump agrees on the cipher and offset.
+	out, err := exec.Command("cryptsetup", "luksDump", img).CombinedOutput()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(out), "cipher: "+h.Segments[0].Encryption) {
+		t.Fatalf("luksDump disagrees on the cipher %q:\n%s", h.Segments[0].Encryption, out)
+	}
+}
+
+func TestValidationRefusals(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		edit   func(m map[string]any)
+		policy func(*Policy)
+		want   string
+	}{
+		{"cipher_null", func(m map[string]any) { seg0(m)["encryption"] = "cipher_null-ecb" }, nil, "not on the allow-list"},
+		{"unknown cipher", func(m map[string]any) { seg0(m)["encryption"] = "rot13-ecb" }, nil, "not on the allow-list"},
+		{"extra linear segment", func(m map[string]any) {
+			m["segments"].(map[string]any)["1"] = map[string]any{"type": "linear", "offset": "2097152", "size": "dynamic"}
+		}, nil, `type "linear"`},
+		{"small key", func(m map[string]any) {
+			ks := m["keyslots"].(map[string]any)["0"].(map[string]any)
+			ks["key_size"] = 16
+		}, nil, "128-bit key"},
+		{"keyslot area cipher_null", func(m map[string]any) {
+			ks := m["keyslots"].(map[string]any)["0"].(map[string]any)
+			ks["area"].(map[string]any)["encryption"] = "cipher_null"
+		}, nil, "area cipher"},
+		{"uuid mismatch", nil, func(p *Policy) { p.UUID = "99999999-2222-3333-4444-555555555555" }, "UUID is " + testUUID},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := format(t, []byte("k1"))
+			if tc.edit != nil {
+				editBoth(t, img, tc.edit)
+			}
+			h, err := readHeaderFile(t, img)
+			if err != nil {
+				t.Fatalf("edited header no longer parses: %v", err)
+			}
+			p := DefaultPolicy()
+			if tc.policy != nil {
+				tc.policy(&p)
+			}
+			err = p.Validate(h)
+			if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("err = %v, want a refusal containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestDamagedPrimaryUsesSecondary(t *testing.T) {
+	img := format(t, []byte("k1"))
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xff}, 512), 4096); err != nil { // JSON area
+		t.Fatal(err)
+	}
+	f.Close()
+	h, err := readHeaderFile(t, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !h.Secondary || h.UUID != testUUID {
+		t.Fatalf("header = %+v, want the secondary copy", h)
+	}
+	if err := DefaultPolicy().Validate(h); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestBothCopiesDamagedRefused(t *testing.T) {
+	img := format(t, []byte("k1"))
+	b, _ := os.ReadFile(img)
+	b[4096+10] ^= 0xff
+	b[16384+4096+10] ^= 0xff
+	os.WriteFile(img, b, 0o600)
+	if _, err := readHeaderFile(t, img); !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "checksum") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestNotLUKS(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "zero")
+	os.WriteFile(p, make([]byte, 1<<20), 0o600)
+	if _, err := readHeaderFile(t, p); !errors.Is(err, ErrRefused) {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestSecondKeyOpens(t *testing.T) {
+	old := []byte("old-key-0123456789abcdef0123456789")
+	img := format(t, old)
+	h, err := readHeaderFile(t, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := luks.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	// The server lists [new, old] during a rotation; the volume knows old.
+	v, slot, ki, err := findKey(context.Background(), dev, h, [][]byte{[]byte("new-key"), old})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ki != 1 || slot != 0 {
+		t.Fatalf("opened with key %d slot %d, want key 1 slot 0", ki, slot)
+	}
+	if err := checkVolume(v, h); err != nil {
+		t.Fatal(err)
+	}
+	k := volumeKey(v)
+	if len(k) != 64 {
+		t.Fatalf("volume key is %d bytes, want 64", len(k))
+	}
+	wipeVolumeKey(v)
+	if !bytes.Equal(volumeKey(v), make([]byte, 64)) {
+		t.Fatal("volume key not wiped")
+	}
+	// Oracle: cryptsetup agrees that only "old" opens it.
+	kf := filepath.Join(t.TempDir(), "k")
+	os.WriteFile(kf, old, 0o600)
+	if out, err := exec.Command("cryptsetup", "open", "--test-passphrase", "--key-file", kf, img).CombinedOutput(); err != nil {
+		t.Fatalf("cryptsetup rejects the key luks.go accepted: %v %s", err, out)
+	}
+}
+
+func TestNoKeyOpensLeavesDeviceUntouched(t *testing.T) {
+	img := format(t, []byte("right"), []byte("also-right"))
+	before, _ := os.ReadFile(img)
+	h, err := readHeaderFile(t, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := h.SlotOrder(); len(got) != 2 || got[0] != 0 || got[1] != 1 {
+		t.Fatalf("slot order = %v", got)
+	}
+	dev, err := luks.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, _, err = findKey(context.Background(), dev, h, [][]byte{[]byte("wrong"), []byte("wronger")})
+	dev.Close()
+	if !errors.Is(err, ErrNoKey) || !strings.Contains(err.Error(), "2 keys tried on 2 keyslots") {
+		t.Fatalf("err = %v", err)
+	}
+	after, _ := os.ReadFile(img)
+	if !bytes.Equal(before, after) {
+		t.Fatal("the device changed although no key opened it")
+	}
+}
+
+func TestSlotOrderPriority(t *testing.T) {
+	h := &Header{Keyslots: []Keyslot{{ID: 0, Priority: 1}, {ID: 1, Priority: 0}, {ID: 2, Priority: 2}, {ID: 3, Priority: 1}}}
+	if got := h.SlotOrder(); len(got) != 3 || got[0] != 2 || got[1] != 0 || got[2] != 3 {
+		t.Fatalf("order = %v, want [2 0 3]", got)
+	}
+}
