@@ -36,7 +36,7 @@ func dhcp4(ctx context.Context, link netlink.Link, log Logger) (*Result, error) 
 		if wait > 4*time.Second {
 			wait = 4 * time.Second
 		}
-		log.Printf("network: %s: DHCP attempt %d failed: %v; retrying in %s", name, attempt, err, wait)
+		log.Printf("%s: DHCP attempt %d failed: %v; retrying in %s", name, attempt, err, wait)
 		if err := sleep(ctx, wait); err != nil {
 			return nil, fmt.Errorf("%s: no DHCP lease: %w", name, err)
 		}

@@ -180,7 +180,7 @@ func Fetch(ctx context.Context, cfg Config, log Logger) (*Keys, error) {
 			if i == len(targets)-1 {
 				next = fmt.Sprintf("retrying in %.1fs", wait.Seconds())
 			}
-			log.Printf("key: %s: %v; %s", u.Host, err, next)
+			log.Printf("%s: %v; %s", u.Host, err, next)
 		}
 		if cfg.GiveUpAfter > 0 && cfg.Now().Add(wait).Sub(start) > cfg.GiveUpAfter {
 			return nil, fmt.Errorf("%w after %s", ErrGaveUp, cfg.GiveUpAfter)

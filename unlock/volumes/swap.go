@@ -42,7 +42,7 @@ func EnsureSwap(path string, log Logger) error {
 		if err := f.Sync(); err != nil {
 			return fmt.Errorf("swap %s: sync: %w", path, err)
 		}
-		log.Printf("swap %s: no signature inside the unlocked mapping, wrote one (%d MiB)", path, size>>20)
+		log.Printf("%s: no signature inside the unlocked mapping, wrote one (%d MiB)", path, size>>20)
 	}
 	f.Close()
 	if err := swapon(path); err != nil {

@@ -1,0 +1,310 @@
+// Command mkunlockrd builds unlockrd initramfs images (DESIGN §7).
+//
+//	mkunlockrd build -c unlockrd.yaml -m /lib/modules/<release> -o initramfs.img
+//	mkunlockrd ls initramfs.img
+//	mkunlockrd pin CERT.pem|HOST:PORT
+//	mkunlockrd netboot ...
+//
+// It only wires flags to initramfs/image, initramfs/kmod and unlock/pin.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/unlockrd/unlockrd/initramfs/image"
+	"github.com/unlockrd/unlockrd/unlock/pin"
+)
+
+const usage = `usage: mkunlockrd COMMAND [flags]
+
+commands:
+  build    -c unlockrd.yaml -m /lib/modules/<release> -o initramfs.img
+           [--init PATH] [--compress zstd|gzip|none]
+  ls       IMAGE                  list an image and print its configuration
+  pin      CERT.pem|HOST:PORT     print a certificate's pin (sha256//...)
+  netboot  -c unlockrd.yaml -k vmlinuz -m /lib/modules/<release> -o DIR
+           (not implemented yet)
+
+Run "mkunlockrd COMMAND -h" for a command's flags.
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// run executes one command line and returns the exit status: 0, 1 on
+// failure, 2 on a usage error.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	var err error
+	switch args[0] {
+	case "build":
+		err = build(ctx, args[1:], stdout, stderr)
+	case "ls":
+		err = ls(args[1:], stdout, stderr)
+	case "pin":
+		err = pinCmd(ctx, args[1:], stdout, stderr)
+	case "netboot":
+		err = netboot(args[1:], stderr)
+	case "-h", "-help", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	default:
+		fmt.Fprintf(stderr, "mkunlockrd: unknown command %q\n\n%s", args[0], usage)
+		return 2
+	}
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, flag.ErrHelp):
+		return 0
+	case errors.Is(err, errUsage):
+		return 2
+	}
+	fmt.Fprintf(stderr, "mkunlockrd: %v\n", err)
+	return 1
+}
+
+// errUsage reports a usage error whose message the flag set already printed.
+var errUsage = errors.New("usage")
+
+func newFlags(name, synopsis string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: mkunlockrd %s %s\n", name, synopsis)
+		hasFlags := false
+		fs.VisitAll(func(*flag.Flag) { hasFlags = true })
+		if hasFlags {
+			fmt.Fprintln(stderr, "\nflags:")
+			fs.PrintDefaults()
+		}
+	}
+	return fs
+}
+
+// parse parses flags and checks the number of positional arguments.
+func parse(fs *flag.FlagSet, args []string, positional int) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return errUsage
+	}
+	if fs.NArg() != positional {
+		fmt.Fprintf(fs.Output(), "mkunlockrd %s: want %d argument(s), got %d\n", fs.Name(), positional, fs.NArg())
+		fs.Usage()
+		return errUsage
+	}
+	return nil
+}
+
+func build(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("build", "-c unlockrd.yaml -m /lib/modules/<release> -o initramfs.img [--init PATH] [--compress zstd|gzip|none]", stderr)
+	var cfg, mods, out, initPath, comp string
+	fs.StringVar(&cfg, "c", "", "configuration `file` (YAML, DESIGN §3)")
+	fs.StringVar(&cfg, "config", "", "same as -c `file`")
+	fs.StringVar(&mods, "m", "", "kernel module `tree` (/lib/modules/<release>)")
+	fs.StringVar(&mods, "modules", "", "same as -m `tree`")
+	fs.StringVar(&out, "o", "", "image `file` to write")
+	fs.StringVar(&out, "output", "", "same as -o `file`")
+	fs.StringVar(&initPath, "init", "", "unlockrd-init `binary` (default: unlockrd-init beside mkunlockrd)")
+	fs.StringVar(&comp, "compress", "zstd", "image compression: zstd, gzip or none")
+	if err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	if cfg == "" || mods == "" || out == "" {
+		fmt.Fprintln(stderr, "mkunlockrd build: -c, -m and -o are required")
+		fs.Usage()
+		return errUsage
+	}
+	c, err := image.ParseCompression(comp)
+	if err != nil {
+		return err
+	}
+	if initPath == "" {
+		if initPath, err = initBeside(); err != nil {
+			return err
+		}
+	}
+	epoch, err := image.ParseSourceDateEpoch(os.Getenv("SOURCE_DATE_EPOCH"))
+	if err != nil {
+		return err
+	}
+	rep, err := image.Build(ctx, image.Options{
+		ConfigFile:  cfg,
+		ModulesDir:  mods,
+		Init:        initPath,
+		Output:      out,
+		Compression: c,
+		MTime:       epoch,
+		Logger:      log.New(stderr, "mkunlockrd: ", 0),
+	})
+	if err != nil {
+		return err
+	}
+	printReport(stdout, rep, initPath)
+	return nil
+}
+
+// initBeside finds unlockrd-init next to the running executable, through
+// symbolic links (a packaged /usr/bin/mkunlockrd may link to
+// /usr/lib/unlockrd/mkunlockrd): a build needs no Go toolchain.
+func initBeside() (string, error) {
+	exe, err := os.Executable()
+	if err == nil {
+		exe, err = filepath.EvalSymlinks(exe)
+	}
+	if err != nil {
+		return "", fmt.Errorf("no init binary: cannot locate mkunlockrd's own executable (%v); pass --init PATH", err)
+	}
+	p := filepath.Join(filepath.Dir(exe), "unlockrd-init")
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("no init binary: %s does not exist; pass --init PATH or install unlockrd-init beside mkunlockrd (make build puts both in bin/)", p)
+	}
+	return p, nil
+}
+
+func printReport(w io.Writer, r *image.Report, initPath string) {
+	optional := 0
+	for _, m := range r.Modules {
+		if m.Optional {
+			optional++
+		}
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintf(tw, "init\t%s\t  %s\n", image.FormatSize(r.InitSize), initPath)
+	fmt.Fprintf(tw, "modules\t%s\t  %d modules (%d optional) for %s\n", image.FormatSize(r.ModulesSize), len(r.Modules), optional, r.Release)
+	fmt.Fprintf(tw, "config\t%s\t  \n", image.FormatSize(r.ConfigSize))
+	fmt.Fprintf(tw, "uncompressed\t%s\t  cpio archive\n", image.FormatSize(r.Uncompressed))
+	fmt.Fprintf(tw, "image\t%s\t  %s, %s\n", image.FormatSize(r.Compressed), r.Compression, r.Output)
+	tw.Flush()
+	if len(r.Modules) > 0 {
+		names := make([]string, len(r.Modules))
+		for i, m := range r.Modules {
+			names[i] = m.Name
+			if m.Optional {
+				names[i] += "?"
+			}
+		}
+		fmt.Fprintf(w, "load order (? = optional): %s\n", strings.Join(names, " "))
+	}
+}
+
+func ls(args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("ls", "IMAGE", stderr)
+	if err := parse(fs, args, 1); err != nil {
+		return err
+	}
+	c, err := image.ReadFile(fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(stdout, 0, 0, 1, ' ', 0)
+	for _, e := range c.Entries {
+		size := fmt.Sprint(e.Size)
+		if e.Mode&os.ModeDevice != 0 {
+			size = fmt.Sprintf("%d,%d", e.Major, e.Minor)
+		}
+		fmt.Fprintf(tw, "%s\t%10s\t%s\n", e.ModeString(), size, e.Name)
+	}
+	tw.Flush()
+	fmt.Fprintf(stdout, "\n%d entries, %s cpio, %s compression", len(c.Entries), image.FormatSize(c.Uncompressed), c.Compression)
+	if c.Release != "" {
+		fmt.Fprintf(stdout, ", %d modules for %s", len(c.Modules), c.Release)
+	}
+	fmt.Fprintln(stdout)
+	if c.Config == nil {
+		return fmt.Errorf("%s: no configuration at /%s: not an unlockrd image", fs.Arg(0), image.ConfigPath)
+	}
+	fmt.Fprintf(stdout, "\n/%s:\n%s", image.ConfigPath, c.Config)
+	return nil
+}
+
+func pinCmd(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlags("pin", "CERT.pem|HOST:PORT", stderr)
+	timeout := fs.Duration("timeout", 10*time.Second, "for HOST:PORT, how long to wait for the TLS handshake")
+	if err := parse(fs, args, 1); err != nil {
+		return err
+	}
+	arg := fs.Arg(0)
+	if data, err := os.ReadFile(arg); err == nil {
+		p, err := pin.FromPEM(data)
+		if err != nil {
+			return fmt.Errorf("%s: %w", arg, err)
+		}
+		fmt.Fprintln(stdout, p)
+		return nil
+	} else if _, _, splitErr := net.SplitHostPort(arg); splitErr != nil {
+		return fmt.Errorf("%s: neither a readable PEM file (%v) nor HOST:PORT", arg, err)
+	}
+	return pinRemote(ctx, arg, *timeout, stdout, stderr)
+}
+
+// pinRemote prints the pin of the leaf certificate a TLS server presents.
+// Nothing is verified: the point is to learn the key, which the operator
+// must then check by other means. The pin alone goes to stdout, for
+// scripts; what it is a pin of, and the chain's other pins (a pin on an
+// issuing CA is also valid, DESIGN §5), go to stderr.
+func pinRemote(ctx context.Context, addr string, timeout time.Duration, stdout, stderr io.Writer) error {
+	host, _, _ := net.SplitHostPort(addr)
+	d := tls.Dialer{
+		NetDialer: &net.Dialer{Timeout: timeout},
+		Config: &tls.Config{
+			ServerName: host,
+			// Only to read the certificate; nothing is sent over this
+			// connection.
+			InsecureSkipVerify: true,
+		},
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return fmt.Errorf("%s: %w", addr, err)
+	}
+	defer conn.Close()
+	certs := conn.(*tls.Conn).ConnectionState().PeerCertificates
+	if len(certs) == 0 {
+		return fmt.Errorf("%s: the server presented no certificate", addr)
+	}
+	fmt.Fprintln(stdout, pin.FromCert(certs[0]))
+	fmt.Fprintf(stderr, "mkunlockrd: that is the pin of the leaf certificate's public key presented by %s (%s), read without verification: check it out of band\n",
+		addr, certs[0].Subject)
+	for _, c := range certs[1:] {
+		fmt.Fprintf(stderr, "mkunlockrd: chain certificate %s: %s\n", c.Subject, pin.FromCert(c))
+	}
+	return nil
+}
+
+func netboot(args []string, stderr io.Writer) error {
+	fs := newFlags("netboot", `-c unlockrd.yaml -k vmlinuz -m /lib/modules/<release> -o DIR [--append "ARGS"]`, stderr)
+	fs.String("c", "", "configuration `file`")
+	fs.String("k", "", "kernel `image`")
+	fs.String("m", "", "kernel module `tree`")
+	fs.String("o", "", "output `folder`")
+	fs.String("append", "", "kernel command line")
+	if err := parse(fs, args, 0); err != nil {
+		return err
+	}
+	return errors.New("netboot: not implemented yet")
+}
