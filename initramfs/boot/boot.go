@@ -171,6 +171,9 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 				return "", err
 			}
 			res, err := modload.Load(ctx, o.ImageRoot, mods, nil, prefixed{r.con, "modules"})
+			for _, t := range res.Times {
+				r.con.Debugf("modules: %-22s %6.3fs .. %6.3fs", t.Name, t.Start.Seconds(), t.End.Seconds())
+			}
 			return res.String(), err
 		})
 	}()

@@ -139,8 +139,8 @@ func (o *oracle) providers(target string) []string {
 }
 
 // add walks modinfo's depends and softdep fields recursively, plus the
-// builder's documented implications (dm_crypt needs xts, and takes
-// aesni_intel when the CPU has it).
+// builder's documented implication (dm_crypt needs xts; aesni_intel is
+// left to the configuration).
 func (o *oracle) add(name string, required bool) {
 	if o.files[name] == "" {
 		if o.builtin[name] {
@@ -182,9 +182,8 @@ func (o *oracle) add(name string, required bool) {
 		}
 	}
 	if name == "dm_crypt" {
-		o.before[name] = append(o.before[name], "xts", "aesni_intel")
+		o.before[name] = append(o.before[name], "xts")
 		o.add("xts", required)
-		o.add("aesni_intel", false)
 	}
 }
 

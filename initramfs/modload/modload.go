@@ -45,6 +45,15 @@ type Result struct {
 	Present  int // already loaded or built in
 	Failed   []string
 	Duration time.Duration
+	// Times is how long each module's load took, in completion order;
+	// printed with rd.unlockrd.debug to find what holds a boot up.
+	Times []Timing
+}
+
+// Timing is one module's load.
+type Timing struct {
+	Name       string
+	Start, End time.Duration // since Load began
 }
 
 func (r Result) String() string {
@@ -142,9 +151,12 @@ func Load(ctx context.Context, root string, mods []Module, load Loader, log Logg
 					return
 				}
 			}
+			t0 := time.Since(start)
 			err := load(filepath.Join(root, m.Path))
+			t1 := time.Since(start)
 			mu.Lock()
 			defer mu.Unlock()
+			res.Times = append(res.Times, Timing{Name: m.Name, Start: t0, End: t1})
 			switch {
 			case err == nil:
 				res.Loaded++

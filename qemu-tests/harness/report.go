@@ -12,6 +12,8 @@ import (
 type Report struct {
 	// PID of the test init: 1 when unlockrd exec'd it as init.
 	PID int
+	// Uptime is the kernel's clock when the test init started.
+	Uptime time.Duration
 	// Root is the source and type of the mount on /, e.g. "/dev/vda1 ext4".
 	Root string
 	// Files by path, for each file the configuration listed.
@@ -66,6 +68,12 @@ func ParseReport(lines []string) (*Report, error) {
 				return nil, fmt.Errorf("harness: report line %q: %w", l, err)
 			}
 			r.PID, seenPID = pid, true
+		case strings.HasPrefix(body, "uptime="):
+			v, err := strconv.ParseFloat(strings.TrimPrefix(body, "uptime="), 64)
+			if err != nil {
+				return nil, fmt.Errorf("harness: report line %q: %w", l, err)
+			}
+			r.Uptime = time.Duration(v * float64(time.Second))
 		case strings.HasPrefix(body, "root="):
 			r.Root = strings.TrimPrefix(body, "root=")
 		case strings.HasPrefix(body, "initramfs-gone="):
