@@ -81,6 +81,10 @@ func OpenData(ctx context.Context, dir string, o DataOptions) (*Data, error) {
 		mk, err = CreateMasterKey(mkPath)
 	} else {
 		mk, err = LoadMasterKey(mkPath)
+		if errors.Is(err, os.ErrNotExist) && dbExists {
+			err = fmt.Errorf("%w; data file %s needs the master key its keys were sealed under: restore it, or point --master-key / $%s at it",
+				err, dbPath, MasterKeyEnv)
+		}
 	}
 	if err != nil {
 		return nil, err

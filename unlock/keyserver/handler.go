@@ -1,8 +1,3 @@
-// Package keyserver is the reference key service (DESIGN §5): an HTTP
-// handler that hands each host its LUKS keys, sealed at rest under a master
-// key, to a bearer of the host's token; the admin operations behind the
-// unlockrd-keyserver command; and helpers (certificates, data folder,
-// hardened http.Server) that let tests run the same service in-process.
 package keyserver
 
 import (

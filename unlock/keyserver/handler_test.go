@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -38,7 +40,7 @@ func (c *fakeClock) Add(d time.Duration) {
 
 // harness is a handler over a memory store with one host, "db-1".
 type harness struct {
-	t       *testing.T
+	t       testing.TB
 	store   store.Store
 	admin   *Admin
 	h       *Handler
@@ -49,7 +51,7 @@ type harness struct {
 	lines   bytes.Buffer // the same events as JSON lines
 }
 
-func newHarness(t *testing.T, opts ...Option) *harness {
+func newHarness(t testing.TB, opts ...Option) *harness {
 	t.Helper()
 	x := &harness{t: t, store: store.NewMemory(), clock: &fakeClock{t: time.Date(2026, 11, 3, 9, 0, 0, 0, time.UTC)}}
 	sealer := testSealer(t, 1)
@@ -78,7 +80,7 @@ func newHarness(t *testing.T, opts ...Option) *harness {
 	return x
 }
 
-type testLogger struct{ t *testing.T }
+type testLogger struct{ t testing.TB }
 
 func (l testLogger) Printf(f string, v ...any) { l.t.Logf(f, v...) }
 
@@ -433,8 +435,9 @@ func TestHealth(t *testing.T) {
 		t.Fatalf("%d %q", w.Code, w.Body)
 	}
 	// A store sealed under another master key is unhealthy.
-	y := newHarness(t)
-	x.h.c.store = y.store
+	other := store.NewMemory()
+	other.MasterKeyID(context.Background(), testSealer(t, 2).ID())
+	x.h.c.store = other
 	x.clock.Add(2 * healthTTL)
 	if w := x.do("GET", "/healthz", ""); w.Code != 503 {
 		t.Fatalf("other store: %d", w.Code)
@@ -469,7 +472,8 @@ func FuzzServePath(f *testing.F) {
 	for _, s := range []string{"/v1/keys/db-1", "/v1/keys/db%2d1", "/v1/keys/../keys/db-1", "/healthz", "//v1/keys/db-1", "/v1/keys/db-1?x=1"} {
 		f.Add(s)
 	}
-	x := newHarness(&testing.T{}, WithGlobalLimit(Limit{}), WithHostLimit(Limit{}), WithAudit(nil))
+	x := newHarness(f, WithGlobalLimit(Limit{}), WithHostLimit(Limit{}), WithAudit(nil),
+		WithLogger(log.New(io.Discard, "", 0)))
 	f.Fuzz(func(t *testing.T, path string) {
 		r, err := http.NewRequest("GET", "https://keys.test/", nil)
 		if err != nil {

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -169,21 +170,27 @@ func (s *Store) open(ctx context.Context, readOnly bool) (*bolt.DB, error) {
 }
 
 // run opens the file, runs fn in one transaction and closes it again.
-// bbolt trusts its pages and panics on some corruptions; a recovered panic
-// becomes ErrCorrupt instead of taking the server down.
+// bbolt trusts its pages and panics on some corruptions (while opening, for
+// a bad freelist, or while reading); a recovered panic becomes ErrCorrupt
+// instead of taking the server down.
 func (s *Store) run(ctx context.Context, write bool, fn func(tx *bolt.Tx) error) (err error) {
-	db, err := s.open(ctx, !write)
-	if err != nil {
-		return err
-	}
+	// A bad page offset can also point outside the mapping; without this
+	// the resulting fault would kill the process instead of panicking.
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	var db *bolt.DB
 	defer func() {
 		if r := recover(); r != nil {
 			err = fmt.Errorf("data file %s: %v: %w", s.path, r, store.ErrCorrupt)
 		}
-		if cerr := db.Close(); cerr != nil && err == nil {
-			err = fmt.Errorf("data file %s: close: %w", s.path, cerr)
+		if db != nil {
+			if cerr := db.Close(); cerr != nil && err == nil {
+				err = fmt.Errorf("data file %s: close: %w", s.path, cerr)
+			}
 		}
 	}()
+	if db, err = s.open(ctx, !write); err != nil {
+		return err
+	}
 	body := func(tx *bolt.Tx) error {
 		meta := tx.Bucket(bucketMeta)
 		if meta == nil || tx.Bucket(bucketHosts) == nil || string(meta.Get(keySchema)) != Schema {

@@ -1,0 +1,25 @@
+// Command unlockrd-keyserver is the reference key service: see
+// unlock/keyserver/cli for the commands and DESIGN §5/§7 for the contract.
+package main
+
+import (
+	"context"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/unlockrd/unlockrd/unlock/keyserver/cli"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		// After the first signal starts a graceful stop, a second one
+		// kills the process as usual.
+		<-ctx.Done()
+		stop()
+	}()
+	code := cli.Main(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	os.Exit(code)
+}

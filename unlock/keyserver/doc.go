@@ -1,0 +1,46 @@
+// Package keyserver is the reference key service (DESIGN §5): an HTTP
+// handler that hands each host its LUKS keys to a bearer of the host's
+// token, the admin operations behind the unlockrd-keyserver command, and
+// helpers (certificates, data folder, hardened http.Server, a pinned
+// client) that let tests run the same service in-process.
+//
+// # Data folder
+//
+//	DIR/            0700
+//	  master.key    0600  32-byte AES-256 master key, hex (absent with --master-key)
+//	  hosts.db      0600  bbolt: host records, keys sealed under the master key
+//	  tls.key       0600  ECDSA P-256 key; its SPKI hash is the pin
+//	  tls.crt       0644  self-signed, remade (same key, same pin) when names change
+//
+// hosts.db records which master key (by a MAC-derived id, see Sealer.ID)
+// sealed its keys, so a server given the wrong master key refuses to start
+// instead of failing each host at boot time.
+//
+// # Keys at rest
+//
+// Each host key is sealed with AES-256-GCM under the master key, with the
+// host id and key id as associated data: a sealed key copied into another
+// host's record, or reordered within one, does not open. Tokens are stored
+// as SHA-256 hashes and compared in constant time.
+//
+// # Admin commands next to a running server
+//
+// bbolt lets one process hold a file read-write (exclusive flock) or many
+// read-only (shared flock). The store opens hosts.db per operation and
+// closes it straight after: each key request takes the shared lock for well
+// under a millisecond, each admin change the exclusive lock for one fsync'd
+// transaction. Either side waits up to a lock timeout for the other (5 s for
+// the server, answering 503 + Retry-After if it runs out; 10 s for admin
+// commands, --lock-timeout). No IPC, no server-side cache to invalidate:
+// a change is visible to the next request.
+//
+// # Request handling
+//
+// GET /v1/keys/{host} is checked in this order, cheapest and least
+// revealing first: method (405), host id syntax (400), global then per-host
+// token bucket (429 + Retry-After), bearer token present (401), host known
+// (404), token matches (401), host active (403). Then the keys are unsealed,
+// written as {"keys":[...]} (current first) and wiped. Every request,
+// including /healthz, yields one AuditEvent (JSON line on stderr in the
+// command) with no key material or token.
+package keyserver
