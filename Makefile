@@ -23,14 +23,14 @@ kernel: deps
 	@qemu-tests/setup/fetch-kernel.sh
 
 demo: kernel build
-	$(GO) run ./qemu-tests/demo
+	$(GO) run ./qemu-tests/demo $(ARGS)
 
 test: kernel build
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
 
 bench: kernel build
-	$(GO) run ./qemu-tests/bench
+	$(GO) run ./qemu-tests/bench $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(BIN)

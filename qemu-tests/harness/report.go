@@ -14,6 +14,10 @@ type Report struct {
 	PID int
 	// Uptime is the kernel's clock when the test init started.
 	Uptime time.Duration
+	// RunInit is the kernel's clock when it started the initramfs /init
+	// (0 when the kernel log did not have it): Uptime-RunInit is the time
+	// spent in the initramfs.
+	RunInit time.Duration
 	// Root is the source and type of the mount on /, e.g. "/dev/vda1 ext4".
 	Root string
 	// Files by path, for each file the configuration listed.
@@ -74,6 +78,12 @@ func ParseReport(lines []string) (*Report, error) {
 				return nil, fmt.Errorf("harness: report line %q: %w", l, err)
 			}
 			r.Uptime = time.Duration(v * float64(time.Second))
+		case strings.HasPrefix(body, "run-init="):
+			v, err := strconv.ParseFloat(strings.TrimPrefix(body, "run-init="), 64)
+			if err != nil {
+				return nil, fmt.Errorf("harness: report line %q: %w", l, err)
+			}
+			r.RunInit = time.Duration(v * float64(time.Second))
 		case strings.HasPrefix(body, "root="):
 			r.Root = strings.TrimPrefix(body, "root=")
 		case strings.HasPrefix(body, "initramfs-gone="):

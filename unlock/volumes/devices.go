@@ -11,6 +11,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/u-root/u-root/pkg/mount/gpt"
 )
 
 // BlockDev is one block device seen in /sys/class/block, with what was
@@ -189,59 +191,27 @@ type gptEntry struct {
 	name string
 }
 
-// readGPT reads the partition entries of a GPT disk (512-byte logical
-// sectors; virtio and most cloud disks use them).
+// readGPT reads the partition entries of a GPT disk with u-root's parser,
+// which checks the header and table CRCs (512-byte logical sectors, as on
+// virtio and most cloud disks).
 func readGPT(path string) (map[int]gptEntry, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	hdr := make([]byte, 512)
-	if _, err := f.ReadAt(hdr, 512); err != nil {
-		return nil, err
-	}
-	if string(hdr[:8]) != "EFI PART" {
-		return nil, errors.New("no GPT")
-	}
-	lba := int64(binary.LittleEndian.Uint64(hdr[72:]))
-	n := int(binary.LittleEndian.Uint32(hdr[80:]))
-	size := int(binary.LittleEndian.Uint32(hdr[84:]))
-	if n > 1024 || size < 128 || size > 4096 {
-		return nil, errors.New("implausible GPT header")
-	}
-	ents := make([]byte, n*size)
-	if _, err := f.ReadAt(ents, lba*512); err != nil {
+	g, err := gpt.Table(f, gpt.BlockSize)
+	if err != nil {
 		return nil, err
 	}
 	out := map[int]gptEntry{}
-	for i := 0; i < n; i++ {
-		e := ents[i*size : (i+1)*size]
-		if bytes.Equal(e[:16], make([]byte, 16)) {
+	for i, p := range g.Parts {
+		if p.PartGUID == (gpt.GUID{}) {
 			continue
 		}
-		out[i+1] = gptEntry{uuid: guidString(e[16:32]), name: utf16z(e[56:128])}
+		out[i+1] = gptEntry{uuid: p.UniqueGUID.String(), name: utf16z(p.Name[:])}
 	}
 	return out, nil
-}
-
-// guidString formats a GPT mixed-endian GUID.
-func guidString(b []byte) string {
-	return fmt.Sprintf("%08x-%04x-%04x-%x-%x",
-		binary.LittleEndian.Uint32(b[0:4]), binary.LittleEndian.Uint16(b[4:6]),
-		binary.LittleEndian.Uint16(b[6:8]), b[8:10], b[10:16])
-}
-
-func utf16z(b []byte) string {
-	var r []rune
-	for i := 0; i+1 < len(b); i += 2 {
-		c := binary.LittleEndian.Uint16(b[i:])
-		if c == 0 {
-			break
-		}
-		r = append(r, rune(c))
-	}
-	return string(r)
 }
 
 // probe recognises what a device holds from its first 64 KiB.
@@ -287,4 +257,17 @@ func cstr(b []byte) string {
 
 func rawUUID(b []byte) string {
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+}
+
+// utf16z decodes a NUL-terminated UTF-16LE GPT partition name.
+func utf16z(b []byte) string {
+	var r []rune
+	for i := 0; i+1 < len(b); i += 2 {
+		c := binary.LittleEndian.Uint16(b[i:])
+		if c == 0 {
+			break
+		}
+		r = append(r, rune(c))
+	}
+	return string(r)
 }
