@@ -167,15 +167,20 @@ func shutdown(r *reporter) {
 // the initramfs as the time from there to started. The record is in the
 // ring buffer even when "quiet" kept it off the console.
 func runInitTime() (time.Duration, bool) {
-	f, err := os.OpenFile("/dev/kmsg", os.O_RDONLY|unix.O_NONBLOCK, 0)
+	// Raw syscalls: an os.File on a non-blocking fd would park in Go's
+	// poller at the end of the buffer instead of returning EAGAIN.
+	fd, err := unix.Open("/dev/kmsg", unix.O_RDONLY|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return 0, false
 	}
-	defer f.Close()
+	defer unix.Close(fd)
 	buf := make([]byte, 8192)
 	for {
-		n, err := f.Read(buf)
-		if err != nil {
+		n, err := unix.Read(fd, buf)
+		if err == unix.EPIPE {
+			continue // a record was overwritten while we read
+		}
+		if err != nil || n <= 0 {
 			return 0, false // EAGAIN: end of the buffer
 		}
 		rec := string(buf[:n])
