@@ -138,11 +138,11 @@ func TestBuildReproducibleAndLs(t *testing.T) {
 	ra := mk(t, a, []string{"TMPDIR=" + t.TempDir(), "SOURCE_DATE_EPOCH=1700000000"},
 		"build", "-c", "unlockrd.yaml", "-m", mods, "-o", "initramfs.img", "--init", bin)
 	rb := mk(t, b, []string{"TMPDIR=" + t.TempDir(), "SOURCE_DATE_EPOCH=1700000000", "HOME=/nowhere", "USER=someone"},
-		"build", "--config", "conf.yaml", "--modules", "mods", "--output", filepath.Join(b, "out.img"), "--init", bin, "--compress", "zstd")
+		"build", "--config", "conf.yaml", "--modules", "mods", "--output", filepath.Join(b, "out.img"), "--init", bin, "--compress", "xz")
 	if ra.code != 0 || rb.code != 0 {
 		t.Fatalf("builds failed:\n%+v\n%+v", ra, rb)
 	}
-	for _, want := range []string{"init", "modules", "config", "uncompressed", "image", "zstd", "load order", "crc32c_generic?"} {
+	for _, want := range []string{"init", "modules", "config", "uncompressed", "image", "xz (XZ Utils)", "load order", "crc32c_generic?", "built in"} {
 		if !strings.Contains(ra.stdout, want) {
 			t.Errorf("size table lacks %q:\n%s", want, ra.stdout)
 		}
@@ -168,7 +168,7 @@ func TestBuildReproducibleAndLs(t *testing.T) {
 	}
 	for _, want := range []string{
 		"-rwxr-xr-x", " init\n", "crw-------", "5,1", "dev/console", "etc/unlockrd/modules.json",
-		"lib/modules/" + c.Release + "/kernel/fs/ext4/ext4.ko", "/etc/unlockrd/config.json:", `"pins": [`, "zstd compression",
+		"lib/modules/" + c.Release + "/kernel/fs/ext4/ext4.ko", "/etc/unlockrd/config.json:", `"pins": [`, "xz compression",
 	} {
 		if !strings.Contains(r.stdout, want) {
 			t.Errorf("ls output lacks %q:\n%s", want, r.stdout)
@@ -282,7 +282,66 @@ func TestUsage(t *testing.T) {
 	if r := mk(t, dir, nil, "build", "-c", "x", "-m", "y", "-o", "z", "--compress", "lz4"); r.code != 1 || !strings.Contains(r.stderr, `compression "lz4"`) {
 		t.Errorf("bad --compress: %+v", r)
 	}
-	if r := mk(t, dir, nil, "netboot"); r.code != 1 || !strings.Contains(r.stderr, "not implemented yet") {
-		t.Errorf("netboot: %+v", r)
+	if r := mk(t, dir, nil, "netboot", "-c", "x", "-k", "k", "-m", "y", "-o", "z", "--compress", "lz4"); r.code != 1 || !strings.Contains(r.stderr, `compression "lz4"`) {
+		t.Errorf("netboot, bad --compress: %+v", r)
+	}
+	if r := mk(t, dir, nil, "netboot", "-c", "x.yaml", "-m", "y"); r.code != 2 || !strings.Contains(r.stderr, "-c, -k, -m and -o are required") {
+		t.Errorf("netboot without -k -o: %+v", r)
+	}
+	if r := mk(t, dir, nil, "-h"); r.code != 0 || !strings.Contains(r.stdout, "xz-compressed by default") {
+		t.Errorf("-h does not document the default compression: %+v", r)
+	}
+	if r := mk(t, dir, nil, "build", "-h"); !strings.Contains(r.stderr, `(default "xz")`) {
+		t.Errorf("build -h does not show the default compression: %+v", r)
+	}
+}
+
+// netboot writes a bundle that boot.ipxe loads by relative paths, with the
+// kernel arguments of --append; bad input writes nothing.
+func TestNetboot(t *testing.T) {
+	mods := modulesDir(t)
+	kernel := filepath.Join(mods, "..", "vmlinuz")
+	dir := t.TempDir()
+	write(t, filepath.Join(dir, "unlockrd.yaml"), goodConfig)
+	r := mk(t, dir, nil, "netboot", "-c", "unlockrd.yaml", "-k", kernel, "-m", mods, "-o", "pxe",
+		"--init", bin, "--append", "console=ttyS0 rd.unlockrd.host=${uuid}")
+	if r.code != 0 {
+		t.Fatalf("netboot: %+v", r)
+	}
+	for _, want := range []string{"image", "xz (XZ Utils)", "pxe/initramfs.img", "kernel vmlinuz initrd=initramfs.img console=ttyS0 rd.unlockrd.host=${uuid}"} {
+		if !strings.Contains(r.stdout, want) {
+			t.Errorf("output lacks %q:\n%s", want, r.stdout)
+		}
+	}
+	script, err := os.ReadFile(filepath.Join(dir, "pxe", "boot.ipxe"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(script), "\nkernel vmlinuz initrd=initramfs.img console=ttyS0 rd.unlockrd.host=${uuid}\ninitrd initramfs.img\nboot\n") {
+		t.Errorf("boot.ipxe:\n%s", script)
+	}
+	c, err := image.ReadFile(filepath.Join(dir, "pxe", "initramfs.img"))
+	if err != nil || len(c.Modules) == 0 {
+		t.Fatalf("bundle image: %v", err)
+	}
+
+	// Bad input: a failed validation, a folder that is not a module tree.
+	write(t, filepath.Join(dir, "bad.yaml"), strings.Replace(goodConfig, "root:\n", "root:\n  devise: x\n", 1))
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"netboot", "-c", "bad.yaml", "-k", kernel, "-m", mods, "-o", "new"}, "mkunlockrd: bad.yaml: root.devise"},
+		{[]string{"netboot", "-c", "unlockrd.yaml", "-k", kernel, "-m", dir, "-o", "new"}, "not a module tree"},
+		{[]string{"netboot", "-c", "unlockrd.yaml", "-k", "unlockrd.yaml", "-m", mods, "-o", "new"}, "not an x86 bzImage"},
+		{[]string{"build", "-c", "unlockrd.yaml", "-m", dir, "-o", "new"}, "no kernel/ folder"},
+	} {
+		r := mk(t, dir, nil, append(tc.args, "--init", bin)...)
+		if r.code != 1 || !strings.Contains(r.stderr, tc.want) {
+			t.Errorf("%v: %+v, want exit 1 and %q", tc.args, r, tc.want)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "new")); err == nil {
+			t.Errorf("%v left %s behind", tc.args, filepath.Join(dir, "new"))
+		}
 	}
 }

@@ -164,7 +164,11 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 	// the disk driver load in parallel, DHCP starts as soon as a link
 	// exists, and headers are checked while the key is fetched.
 	modsDone := make(chan error, 1)
+	// Closed once the modules stage ends: a link missing by then is not
+	// coming, so a misspelt ip= link name falls back to DHCP at once.
+	driversLoaded := make(chan struct{})
 	go func() {
+		defer close(driversLoaded)
 		modsDone <- r.stage(ctx, "modules", o.Timeouts.Modules, func(ctx context.Context) (string, error) {
 			mods, err := modload.ReadList(o.ImageRoot)
 			if err != nil {
@@ -185,7 +189,13 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 	prepDone := make(chan prepResult, 1)
 	go func() {
 		var pr prepResult
-		pr.err = r.stage(ctx, "devices", o.Timeouts.Devices, func(ctx context.Context) (string, error) {
+		// rd.unlockrd.device-timeout= shortens the wait (a test with a
+		// missing disk need not wait two minutes).
+		devTimeout := o.Timeouts.Devices
+		if cfg.Boot.DeviceTimeout > 0 {
+			devTimeout = cfg.Boot.DeviceTimeout
+		}
+		pr.err = r.stage(ctx, "devices", devTimeout, func(ctx context.Context) (string, error) {
 			pr.root, pr.vols, err = r.prepare(ctx)
 			if err != nil {
 				return "", err
@@ -197,35 +207,45 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 
 	var net *netboot.Result
 	err = r.stage(ctx, "network", o.Timeouts.Network, func(ctx context.Context) (string, error) {
-		net, err = netboot.Up(ctx, netboot.Config{
-			IP:          cfg.Network.IP,
-			Nameservers: cfg.Boot.Nameservers,
-			LinkTimeout: o.Timeouts.Link,
+		n, err := netboot.Up(ctx, netboot.Config{
+			IP:            cfg.Network.IP,
+			Nameservers:   cfg.Boot.Nameservers,
+			LinkTimeout:   o.Timeouts.Link,
+			DriversLoaded: driversLoaded,
+			Debug:         cfg.Boot.Debug,
 		}, prefixed{r.con, "network"})
 		if err != nil {
 			return "", err
 		}
+		net = n
 		return net.String(), nil
 	})
 	if err != nil {
-		return &Fatal{Err: err}
+		// Up has retried every link until the deadline; a reboot starts
+		// over from the drivers up, where halting would strand the host.
+		return &Fatal{Err: err, Reboot: true}
 	}
 
 	// Stages 5 and 6: fetch, unlock; fetch again if no key fits (the
 	// operator may be fixing the server).
 	src := keys.Sources{CmdlineHost: cfg.Boot.Host, CmdlineToken: cfg.Boot.Token}
-	host, hostFrom, err := src.HostID(cfg.Key.Host)
+	// Each source tried and found wanting is reported by name (notes)
+	// before the next is tried; see keys.Sources for the order.
+	host, hostFrom, notes, err := src.HostID(cfg.Key.Host)
+	for _, n := range notes {
+		r.con.Printf("key: %s", n)
+	}
 	if err != nil {
 		return &Fatal{Err: fmt.Errorf("key: %w", err)}
 	}
-	token, tokenFrom, warns, err := src.Token(cfg.Key.Token)
+	token, tokenFrom, notes, err := src.Token(cfg.Key.Token)
+	for _, n := range notes {
+		r.con.Printf("key: %s", n)
+	}
 	if err != nil {
 		return &Fatal{Err: fmt.Errorf("key: %w", err)}
 	}
 	defer clear(token)
-	for _, w := range warns {
-		r.con.Printf("warning: %s", w)
-	}
 	pins, err := pin.ParseAll(cfg.Key.Pins)
 	if err != nil {
 		return &Fatal{Err: fmt.Errorf("key: pins%w", err)}
@@ -244,7 +264,9 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 	pending := pr.vols
 	for round := 0; ; round++ {
 		var ks *keys.Keys
-		err := r.stage(ctx, "key", cfg.Key.GiveUpAfter.D(), func(ctx context.Context) (string, error) {
+		// No stage deadline: Fetch enforces give_up_after itself, so that
+		// it can say so (and the host reboots on keys.ErrGaveUp).
+		err := r.stage(ctx, "key", 0, func(ctx context.Context) (string, error) {
 			ks, err = keys.Fetch(ctx, keys.Config{
 				URLs:           cfg.Key.URLs,
 				Pins:           pins,
@@ -309,7 +331,7 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 		if err := sysroot.MountAll(ctx, o.NewRoot, root, data); err != nil {
 			return "", err
 		}
-		parts := []string{fmt.Sprintf("/ (%s %s)", root.Source, strings.Join(root.Options, ","))}
+		parts := []string{fmt.Sprintf("/ (%s)", strings.TrimSpace(root.Source+" "+strings.Join(root.Options, ",")))}
 		for _, d := range data {
 			parts = append(parts, fmt.Sprintf("%s (%s)", d.Target, d.Source))
 		}
@@ -341,24 +363,31 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 func (r *runner) prepare(ctx context.Context) (volumes.BlockDev, []volumes.Prepared, error) {
 	cfg := r.cfg
 	var sc volumes.Scanner
-	root, err := sc.Wait(ctx, cfg.Root.Device)
-	if err != nil {
-		return root, nil, fmt.Errorf("root: %w", err)
+	root, rootErr := sc.Wait(ctx, cfg.Root.Device)
+	if rootErr != nil {
+		rootErr = fmt.Errorf("root: %w", rootErr)
 	}
 	var specs []volumes.Spec
 	if root.Content == "LUKS2" {
 		specs = append(specs, volumes.Spec{Name: "root", Device: cfg.Root.Device, NoWorkqueue: true})
 	}
 	for _, v := range cfg.Volumes {
-		specs = append(specs, volumes.Spec{Name: v.Name, Device: v.Device, Swap: v.Swap, AllowDiscards: v.AllowDiscards, NoWorkqueue: true})
+		specs = append(specs, volumes.Spec{Name: v.Name, Device: v.Device, Swap: v.Swap.On(),
+			RandomSwap: v.Swap == config.SwapRandom, AllowDiscards: v.AllowDiscards, NoWorkqueue: v.WorkqueueBypass()})
 	}
+	// Volumes are checked even when root is missing: one boot reports
+	// every problem.
 	vols, err := volumes.Prepare(ctx, specs, volumes.Options{Scanner: sc}, prefixed{r.con, "devices"})
-	return root, vols, err
+	return root, vols, errors.Join(rootErr, err)
 }
 
 func describePrepared(root volumes.BlockDev, vols []volumes.Prepared) string {
 	parts := []string{"root=" + root.Path}
 	for _, v := range vols {
+		if v.Spec.Name == "root" && v.Dev.Path == root.Path {
+			parts[0] += " (LUKS2)"
+			continue
+		}
 		parts = append(parts, v.Spec.Name+"="+v.Dev.Path)
 	}
 	return strings.Join(parts, " ") + ", LUKS2 headers valid"
@@ -380,7 +409,7 @@ func (r *runner) mounts(rootDev volumes.BlockDev, opened []volumes.Opened) (sysr
 	}
 	var data []sysroot.Mount
 	for _, v := range cfg.Volumes {
-		if v.Swap {
+		if v.Swap.On() {
 			continue
 		}
 		data = append(data, sysroot.Mount{Source: byName[v.Name].Path, Target: v.Mount, FSType: v.FSType, Options: v.Options})

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/unlockrd/unlockrd/netboot/ipconf"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
@@ -101,6 +102,10 @@ func (c *Config) ApplyCmdline(cmdline string) error {
 			}
 			ips = append(ips, p.Value)
 		case "nameserver":
+			if _, err := ipconf.ParseNameserver(p.Value); err != nil {
+				errs = append(errs, err)
+				continue
+			}
 			c.Boot.Nameservers = append(c.Boot.Nameservers, p.Value)
 		case Prefix + "url":
 			if err := ValidateURL(p.Value); err != nil {
@@ -130,6 +135,13 @@ func (c *Config) ApplyCmdline(cmdline string) error {
 			c.Boot.Token = p.Value
 			c.Boot.Warnings = append(c.Boot.Warnings,
 				Prefix+"token is readable by every user of the booted system through /proc/cmdline; prefer an SMBIOS credential")
+		case Prefix + "device-timeout":
+			d, err := parseDuration(p.Value)
+			if err != nil || d <= 0 {
+				bad(p, "%q is not a positive duration like 30s", p.Value)
+				continue
+			}
+			c.Boot.DeviceTimeout = d.D()
 		case Prefix + "debug":
 			c.Boot.Debug = true
 		case Prefix + "keep-network":
@@ -141,7 +153,12 @@ func (c *Config) ApplyCmdline(cmdline string) error {
 		}
 	}
 	if len(ips) > 0 {
-		c.Network.IP = ips
+		// Checked together: values fine alone may contradict each other.
+		if _, err := ipconf.Parse(ips); err != nil {
+			errs = append(errs, err)
+		} else {
+			c.Network.IP = ips
+		}
 	}
 	if len(urls) > 0 {
 		c.Key.URLs = urls

@@ -12,9 +12,11 @@ import (
 	"net/url"
 	"path"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/unlockrd/unlockrd/netboot/ipconf"
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
@@ -69,11 +71,67 @@ type Volume struct {
 	Mount   string   `yaml:"mount" json:"mount,omitempty"`
 	FSType  string   `yaml:"fstype" json:"fstype,omitempty"`
 	Options []string `yaml:"options" json:"options,omitempty"`
-	Swap    bool     `yaml:"swap" json:"swap,omitempty"`
+	// Swap is false, true (a LUKS2 swap partition opened with the host
+	// key) or "random" (plain dm-crypt with a fresh random key each boot,
+	// only on a PARTUUID=/PARTLABEL= partition holding no known signature).
+	Swap SwapMode `yaml:"swap" json:"swap,omitempty"`
 	// AllowDiscards passes TRIM through dm-crypt; off by default because
 	// it leaks which blocks are in use.
 	AllowDiscards bool `yaml:"allow_discards" json:"allow_discards,omitempty"`
+	// NoWorkqueue sets dm-crypt's no_read_workqueue and no_write_workqueue
+	// on kernels ≥ 5.9; nil means true (the default).
+	NoWorkqueue *bool `yaml:"no_workqueue" json:"no_workqueue,omitempty"`
 }
+
+// SwapMode is how a volume is used as swap.
+type SwapMode string
+
+// Swap modes.
+const (
+	SwapOff    SwapMode = ""
+	SwapLUKS   SwapMode = "luks"
+	SwapRandom SwapMode = "random"
+)
+
+// On reports whether the volume is swap of either kind.
+func (m SwapMode) On() bool { return m != SwapOff }
+
+// MarshalJSON writes true, "random" (or false).
+func (m SwapMode) MarshalJSON() ([]byte, error) {
+	switch m {
+	case SwapOff:
+		return []byte("false"), nil
+	case SwapLUKS:
+		return []byte("true"), nil
+	}
+	return json.Marshal(string(m))
+}
+
+// UnmarshalJSON reads what MarshalJSON writes.
+func (m *SwapMode) UnmarshalJSON(b []byte) error {
+	var v any
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	return m.set(v)
+}
+
+func (m *SwapMode) set(v any) error {
+	switch v {
+	case false, nil:
+		*m = SwapOff
+	case true:
+		*m = SwapLUKS
+	case "random":
+		*m = SwapRandom
+	default:
+		return fmt.Errorf("swap: %v: want true, false or random", v)
+	}
+	return nil
+}
+
+// WorkqueueBypass reports whether the workqueue flags are wanted.
+func (v Volume) WorkqueueBypass() bool { return v.NoWorkqueue == nil || *v.NoWorkqueue }
 
 // Boot is the part of the configuration that comes only from the kernel
 // command line.
@@ -85,6 +143,9 @@ type Boot struct {
 	Token       string   // rd.unlockrd.token= (secret: never log it)
 	// ReadWrite is set by "rw", cleared by "ro"; nil leaves root.options alone.
 	ReadWrite *bool
+	// DeviceTimeout (rd.unlockrd.device-timeout=) bounds the wait for the
+	// root and volume devices; 0 keeps the built-in default (2 minutes).
+	DeviceTimeout time.Duration
 	// Warnings are printed by the init once the console is up.
 	Warnings []string
 }
@@ -153,6 +214,11 @@ func (c *Config) Validate() error {
 	if c.Key.GiveUpAfter < 0 {
 		return fieldErr("key.give_up_after", "must not be negative")
 	}
+	// The parser the initramfs runs (pure, shared): an image never
+	// carries an ip= it would have to fall back from.
+	if _, err := ipconf.Parse(c.Network.IP); err != nil {
+		return fieldErr("network.ip", err.Error())
+	}
 	if c.Root.Device == "" {
 		return fieldErr("root.device", "required")
 	}
@@ -179,9 +245,12 @@ func (c *Config) Validate() error {
 		if err := ValidateDeviceRef(v.Device); err != nil {
 			return fieldErr(f+".device", err.Error())
 		}
-		if v.Swap {
+		if v.Swap.On() {
 			if v.Mount != "" || v.FSType != "" {
 				return fieldErr(f+".mount", "a swap volume has no mount point or fstype")
+			}
+			if k, _, _ := strings.Cut(v.Device, "="); v.Swap == SwapRandom && k != "PARTUUID" && k != "PARTLABEL" {
+				return fieldErr(f+".device", fmt.Sprintf("%q: swap: random overwrites the partition, so it must be named by PARTUUID= or PARTLABEL=", v.Device))
 			}
 			continue
 		}
@@ -219,7 +288,8 @@ func fieldErr(field, msg string) error { return &FieldError{Field: field, Msg: m
 
 // ValidateURL checks a key URL: https, a host, no credentials, no fragment.
 func ValidateURL(s string) error {
-	u, err := url.Parse(strings.ReplaceAll(s, keyproto.HostPlaceholder, "HOST"))
+	const sentinel = "unlockrd-host-placeholder"
+	u, err := url.Parse(strings.ReplaceAll(s, keyproto.HostPlaceholder, sentinel))
 	if err != nil {
 		return fmt.Errorf("malformed URL %q: %v", s, err)
 	}
@@ -228,6 +298,15 @@ func ValidateURL(s string) error {
 	}
 	if u.Hostname() == "" {
 		return fmt.Errorf("URL %q: no host", s)
+	}
+	if strings.Contains(u.Host, sentinel) {
+		// The host id names the key, not the server the pin covers.
+		return fmt.Errorf("URL %q: %s may appear in the path or query only", s, keyproto.HostPlaceholder)
+	}
+	if p := u.Port(); p != "" {
+		if n, err := strconv.Atoi(p); err != nil || n < 1 || n > 65535 {
+			return fmt.Errorf("URL %q: port %s out of range", s, p)
+		}
 	}
 	if u.User != nil {
 		return fmt.Errorf("URL %q: credentials in URLs are not allowed (use key.token)", s)

@@ -50,7 +50,7 @@ func TestParseGood(t *testing.T) {
 	if got := strings.Join(c.Modules, " "); got != "virtio_pci virtio_blk virtio_net dm_crypt ext4" {
 		t.Errorf("modules normalized to %q", got)
 	}
-	if len(c.Volumes) != 2 || !c.Volumes[1].Swap || c.Volumes[0].Mount != "/var/lib/postgresql" {
+	if len(c.Volumes) != 2 || !c.Volumes[1].Swap.On() || c.Volumes[0].Mount != "/var/lib/postgresql" {
 		t.Errorf("volumes = %+v", c.Volumes)
 	}
 	// The embedded form round-trips.
@@ -77,6 +77,8 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"malformed pin", goodPin, "sha256//nope", "key.pins[0]"},
 		{"pin without prefix", goodPin, "7HIpactkIAq2Y49orFOOQKurWxmmSFZhBCoQYcRhJ3Y=", "key.pins[0]"},
 		{"http url", "https://keys-a", "http://keys-a", "key.urls[0]"},
+		{"url port out of range", "https://keys-a.example.net:8443", "https://keys-a.example.net:84430", "key.urls[0]: URL"},
+		{"host id in the url's host", "https://keys-a.example.net:8443", "https://{host}.example.net:8443", "key.urls[0]: URL"},
 		{"missing root", "  device: PARTLABEL=root\n", "", "root.device"},
 		{"bad device ref", "device: PARTLABEL=data", "device: FOO=data", "volumes[0].device"},
 		{"bad uuid", "device: PARTLABEL=data", "device: UUID=xyz", "volumes[0].device"},
@@ -171,5 +173,55 @@ func TestSplitCmdlineQuotes(t *testing.T) {
 	ps := SplitCmdline(`a=1 "b=two words" c`)
 	if len(ps) != 3 || ps[1].Key != "b" || ps[1].Value != "two words" || ps[2].HasValue {
 		t.Fatalf("got %+v", ps)
+	}
+}
+
+func TestSwapModesAndVolumeOptions(t *testing.T) {
+	cfg := strings.Replace(good, "    swap: true\n", "    swap: random\n    allow_discards: true\n    no_workqueue: false\n", 1)
+	c, err := Parse([]byte(cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := c.Volumes[1]
+	if v.Swap != SwapRandom || !v.AllowDiscards || v.WorkqueueBypass() || !c.Volumes[0].WorkqueueBypass() {
+		t.Fatalf("volume = %+v", v)
+	}
+	b, err := c.Embed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, err := LoadEmbedded(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e.Volumes[1].Swap != SwapRandom || e.Volumes[0].Swap != SwapOff {
+		t.Fatalf("embedded round trip: %+v", e.Volumes)
+	}
+	// swap: true still embeds as the boolean older images carry.
+	c2, _ := Parse([]byte(good))
+	b2, _ := c2.Embed()
+	if !strings.Contains(string(b2), `"swap": true`) {
+		t.Fatalf("swap: true embeds as:\n%s", b2)
+	}
+	for _, bad := range []struct{ from, to, field string }{
+		{"    device: PARTLABEL=swap\n    swap: true\n", "    device: LABEL=swap\n    swap: random\n", "volumes[1].device"},
+		{"    device: PARTLABEL=swap\n    swap: true\n", "    device: /dev/vda3\n    swap: random\n", "volumes[1].device"},
+		{"    swap: true\n", "    swap: maybe\n", "volumes[1].swap"},
+	} {
+		_, err := Parse([]byte(strings.Replace(good, bad.from, bad.to, 1)))
+		var fe *FieldError
+		if !errors.As(err, &fe) || fe.Field != bad.field {
+			t.Errorf("%q: err = %v, want a %s error", bad.to, err, bad.field)
+		}
+	}
+}
+
+func TestDeviceTimeoutParameter(t *testing.T) {
+	c, _ := Parse([]byte(good))
+	if err := c.ApplyCmdline("rd.unlockrd.device-timeout=15s"); err != nil || c.Boot.DeviceTimeout != 15*time.Second {
+		t.Fatalf("device-timeout = %s, err %v", c.Boot.DeviceTimeout, err)
+	}
+	if err := c.ApplyCmdline("rd.unlockrd.device-timeout=soon"); err == nil || c.Boot.DeviceTimeout != 15*time.Second {
+		t.Fatalf("bad value accepted: %s, err %v", c.Boot.DeviceTimeout, err)
 	}
 }

@@ -160,3 +160,23 @@ func (l *StringList) UnmarshalYAML(n *yaml.Node) error {
 	}
 	return fmt.Errorf("line %d: want a string or a list of strings", n.Line)
 }
+
+// UnmarshalYAML reads true, false or random.
+func (m *SwapMode) UnmarshalYAML(n *yaml.Node) error {
+	if n.Kind != yaml.ScalarNode {
+		return fmt.Errorf("line %d: swap: want true, false or random", n.Line)
+	}
+	var v any
+	switch n.Value {
+	case "true":
+		v = true
+	case "false":
+		v = false
+	default:
+		v = n.Value
+	}
+	if err := m.set(v); err != nil {
+		return fmt.Errorf("line %d: %v", n.Line, err)
+	}
+	return nil
+}

@@ -74,7 +74,7 @@ type Options struct {
 	// Output is the image file; it is replaced only once the new image is
 	// complete.
 	Output string
-	// Compression defaults to Zstd.
+	// Compression defaults to DefaultCompression.
 	Compression Compression
 	// MTime is the time stamp of every entry, in seconds since 1970:
 	// SOURCE_DATE_EPOCH when set (see ParseSourceDateEpoch), else 0.
@@ -88,7 +88,11 @@ type Report struct {
 	Output      string
 	Release     string
 	Compression Compression
-	Modules     []kmod.Module
+	// Compressor names the external program that compressed the image
+	// ("xz (XZ Utils) 5.4.1"), "" for the built-in compressors: the bytes
+	// of an image depend on its version.
+	Compressor string
+	Modules    []kmod.Module
 	// Sizes in bytes: the init binary, the module files (uncompressed), the
 	// configuration, the whole cpio archive, and the image file.
 	InitSize, ModulesSize, ConfigSize int64
@@ -151,6 +155,11 @@ func Build(ctx context.Context, o Options) (*Report, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", o.ConfigFile, err)
 	}
+	// A missing external compressor fails the build before the module
+	// tree is read, naming the packages that provide it.
+	if rep.Compressor, err = CompressorVersion(comp); err != nil {
+		return nil, err
+	}
 
 	initBin, err := os.ReadFile(o.Init)
 	if err != nil {
@@ -205,8 +214,14 @@ func Build(ctx context.Context, o Options) (*Report, error) {
 				data: func() ([]byte, error) { return tree.ReadModule(m) },
 			})
 		}
+		// Compressed modules are decompressed at build time, whatever the
+		// kernel could load. The image is compressed as a whole, and plain
+		// modules compress better in it than modules compressed one by one
+		// (measured, Debian 12's 19 default modules in an xz image: 618 KB
+		// plain, 659 KB as .ko.xz); and loading a compressed module needs
+		// CONFIG_MODULE_DECOMPRESS, which many kernels (Debian's) lack.
 		if compressed {
-			log.Printf("modules are stored uncompressed: the kernel may lack CONFIG_MODULE_DECOMPRESS (Debian's does), and the image is compressed as a whole, where plain modules compress better than compressed ones")
+			log.Printf("modules are stored uncompressed: the image is compressed as a whole, where plain modules compress better than compressed ones, and the kernel need not have CONFIG_MODULE_DECOMPRESS")
 		}
 		listJSON, err := json.MarshalIndent(list, "", "  ")
 		if err != nil {
@@ -277,11 +292,16 @@ func withParents(entries []entry) []entry {
 
 // writeArchive writes the cpio archive through the compressor, counting the
 // uncompressed bytes.
-func writeArchive(ctx context.Context, w io.Writer, entries []entry, comp Compression, mtime uint64, uncompressed *int64) error {
+func writeArchive(ctx context.Context, w io.Writer, entries []entry, comp Compression, mtime uint64, uncompressed *int64) (err error) {
 	zw, err := compressor(w, comp)
 	if err != nil {
 		return err
 	}
+	defer func() {
+		if a, ok := zw.(aborter); ok && err != nil {
+			a.abort()
+		}
+	}()
 	cw := &countingWriter{w: zw}
 	rw := cpio.Newc.Writer(cw)
 	for i, e := range entries {

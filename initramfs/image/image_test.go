@@ -132,7 +132,7 @@ func TestBuildReproducible(t *testing.T) {
 	src := t.TempDir()
 	cfg := writeConfig(t, src, goodConfig)
 	out := t.TempDir()
-	for _, comp := range []Compression{Zstd, Gzip, None} {
+	for _, comp := range []Compression{Xz, Zstd, Gzip, None} {
 		// Absolute paths, default TMPDIR.
 		a := filepath.Join(out, "a-"+string(comp))
 		build(t, Options{ConfigFile: cfg, ModulesDir: filepath.Join(kc, "modules"), Init: init, Output: a, Compression: comp})
@@ -295,7 +295,7 @@ func TestReadRoundTrip(t *testing.T) {
 	dir := t.TempDir()
 	cfgPath := writeConfig(t, dir, goodConfig)
 	initPath := smokeInit(t)
-	for _, comp := range []Compression{Zstd, Gzip, None} {
+	for _, comp := range []Compression{Xz, Zstd, Gzip, None} {
 		out := filepath.Join(dir, string(comp)+".img")
 		rep := build(t, Options{ConfigFile: cfgPath, ModulesDir: filepath.Join(kc, "modules"), Init: initPath, Output: out, Compression: comp, MTime: 42})
 		c, err := ReadFile(out)
@@ -459,13 +459,15 @@ func copyTo(t *testing.T, from, to string) {
 }
 
 func TestParseCompression(t *testing.T) {
-	for in, want := range map[string]Compression{"": Zstd, "zstd": Zstd, "gzip": Gzip, "none": None} {
+	for in, want := range map[string]Compression{"": Xz, "xz": Xz, "zstd": Zstd, "gzip": Gzip, "none": None} {
 		if got, err := ParseCompression(in); err != nil || got != want {
 			t.Errorf("ParseCompression(%q) = %q, %v", in, got, err)
 		}
 	}
-	if _, err := ParseCompression("xz"); err == nil {
-		t.Error("xz accepted")
+	for _, bad := range []string{"lz4", "XZ", "bzip2"} {
+		if _, err := ParseCompression(bad); err == nil {
+			t.Errorf("%s accepted", bad)
+		}
 	}
 	if _, err := Read(strings.NewReader("hello, world")); err == nil || !strings.Contains(err.Error(), "not an initramfs") {
 		t.Errorf("Read(garbage) = %v", err)
@@ -483,7 +485,7 @@ func TestQEMUBoot(t *testing.T) {
 	}
 	dir := t.TempDir()
 	cfg := writeConfig(t, dir, goodConfig)
-	for _, comp := range []Compression{Zstd, Gzip} {
+	for _, comp := range []Compression{Xz, Zstd, Gzip} {
 		img := filepath.Join(dir, string(comp)+".img")
 		build(t, Options{ConfigFile: cfg, ModulesDir: filepath.Join(kc, "modules"), Init: smokeInit(t), Output: img, Compression: comp})
 		// TCG on a shared machine: allow minutes, but stay within the

@@ -53,6 +53,9 @@ func main() {
 
 	sections := []section{
 		{"boot", benchBoot},
+		{"unlock", benchUnlock},
+		{"keyserver", benchKeyServer},
+		{"network", benchNetwork},
 	}
 	r := &report{quick: *quick}
 	failed := false

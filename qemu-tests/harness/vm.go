@@ -75,6 +75,10 @@ type NIC struct {
 	Device string
 	// MAC is the card's address; empty lets QEMU choose.
 	MAC string
+	// Tap, when set, is an open tap device queue (e.g. nstest's NS.Tap,
+	// a tap inside a network namespace) handed to QEMU as -netdev
+	// tap,fd=N; Netdev is then ignored.
+	Tap *os.File
 }
 
 // Line is one console line and when it arrived, relative to VM start.
@@ -143,11 +147,18 @@ func (o *VMOptions) qemuArgs() []string {
 	if o.NoNetwork {
 		args = append(args, "-nic", "none")
 	} else {
+		taps := 0
 		for i, n := range append([]NIC{o.Network}, o.ExtraNICs...) {
 			id := fmt.Sprintf("n%d", i)
 			backend := n.Netdev
 			if backend == "" {
 				backend = "user"
+			}
+			if n.Tap != nil {
+				// QEMU gets the tap files as descriptors 3, 4, ... in
+				// this order (see tapFiles).
+				backend = fmt.Sprintf("tap,fd=%d", 3+taps)
+				taps++
 			}
 			dev := n.Device
 			if dev == "" {
@@ -172,6 +183,20 @@ func (o *VMOptions) qemuArgs() []string {
 		args = append(args, "-uuid", o.UUID)
 	}
 	return append(args, o.QEMUArgs...)
+}
+
+// tapFiles are the NICs' tap files, in the order qemuArgs numbers them.
+func (o *VMOptions) tapFiles() []*os.File {
+	var fs []*os.File
+	if o.NoNetwork {
+		return nil
+	}
+	for _, n := range append([]NIC{o.Network}, o.ExtraNICs...) {
+		if n.Tap != nil {
+			fs = append(fs, n.Tap)
+		}
+	}
+	return fs
 }
 
 // GuestHostIP is the host as the guest sees it on user networking:
@@ -265,6 +290,14 @@ func Start(ctx context.Context, opts VMOptions, log io.Writer) (*VM, error) {
 		qemu.WithAppendKernel(kargs...),
 		qemu.ArbitraryArgs(opts.qemuArgs()...),
 		qemu.WithSerialOutput(lw),
+		func(_ *qemu.IDAllocator, qo *qemu.Options) error {
+			for i, f := range opts.tapFiles() {
+				if fd := qo.AddFile(f); fd != 3+i {
+					return fmt.Errorf("harness: tap %d would be descriptor %d, not %d", i, fd, 3+i)
+				}
+			}
+			return nil
+		},
 	)
 	if err != nil {
 		cancel()

@@ -3,7 +3,6 @@
 package keyproto
 
 import (
-	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -42,6 +41,12 @@ var ErrBadResponse = errors.New("bad key response")
 // Decode turns a 200 body into passphrases, in server order. contentType is
 // the response's Content-Type header (parameters allowed). The caller owns
 // and must wipe the returned slices.
+//
+// Key material is only ever copied into byte slices that are returned or
+// wiped: the JSON is parsed in place (encoding/json's Unmarshal does not
+// copy its input, unlike a Decoder), each key's JSON string is taken as
+// raw bytes, unescaped and base64-decoded by hand. Unknown fields are
+// ignored, so that a server can add some without breaking older images.
 func Decode(contentType string, body []byte) ([][]byte, error) {
 	if len(body) > MaxBody {
 		return nil, fmt.Errorf("%w: body of %d bytes exceeds %d", ErrBadResponse, len(body), MaxBody)
@@ -56,10 +61,19 @@ func Decode(contentType string, body []byte) ([][]byte, error) {
 		copy(k, body)
 		return [][]byte{k}, nil
 	case ContentTypeJSON:
-		var r Response
-		dec := json.NewDecoder(bytes.NewReader(body))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&r); err != nil {
+		var r struct {
+			Keys []struct {
+				ID  string          `json:"id"`
+				Key json.RawMessage `json:"key"`
+			} `json:"keys"`
+		}
+		err := json.Unmarshal(body, &r)
+		defer func() {
+			for _, k := range r.Keys {
+				clear(k.Key)
+			}
+		}()
+		if err != nil {
 			// json errors may quote input; report only the kind of problem.
 			return nil, fmt.Errorf("%w: invalid JSON key list", ErrBadResponse)
 		}
@@ -68,17 +82,93 @@ func Decode(contentType string, body []byte) ([][]byte, error) {
 		}
 		out := make([][]byte, 0, len(r.Keys))
 		for i, k := range r.Keys {
-			b, err := base64.StdEncoding.DecodeString(k.Key)
-			if err != nil || len(b) == 0 {
+			b, ok := decodeKey(k.Key)
+			if !ok {
 				Wipe(out)
-				return nil, fmt.Errorf("%w: keys[%d] (id %q): not non-empty base64", ErrBadResponse, i, k.ID)
+				return nil, fmt.Errorf("%w: keys[%d] (id %q): not a non-empty base64 string", ErrBadResponse, i, k.ID)
 			}
 			out = append(out, b)
 		}
 		return out, nil
 	default:
-		return nil, fmt.Errorf("%w: unsupported content type %q", ErrBadResponse, mt)
+		return nil, fmt.Errorf("%w: unsupported content type %q (want %s or %s)", ErrBadResponse, mt, ContentTypeJSON, ContentTypeRaw)
 	}
+}
+
+// decodeKey turns a raw JSON string holding base64 (padded or not) into
+// the key bytes, wiping its intermediate copy.
+func decodeKey(raw json.RawMessage) ([]byte, bool) {
+	s, ok := unquote(raw)
+	defer clear(s)
+	if !ok {
+		return nil, false
+	}
+	enc := base64.StdEncoding
+	if len(s)%4 != 0 {
+		enc = base64.RawStdEncoding
+	}
+	out := make([]byte, enc.DecodedLen(len(s)))
+	n, err := enc.Decode(out, s)
+	if err != nil || n == 0 {
+		clear(out)
+		return nil, false
+	}
+	clear(out[n:])
+	return out[:n], true
+}
+
+// unquote decodes a JSON string literal into a fresh slice. Only escapes
+// of ASCII characters can occur in base64 text ("\/" is common: some
+// encoders escape every slash); anything else is refused.
+func unquote(raw []byte) ([]byte, bool) {
+	if len(raw) < 2 || raw[0] != '"' || raw[len(raw)-1] != '"' {
+		return nil, false
+	}
+	raw = raw[1 : len(raw)-1]
+	out := make([]byte, 0, len(raw))
+	for i := 0; i < len(raw); i++ {
+		c := raw[i]
+		if c != '\\' {
+			out = append(out, c)
+			continue
+		}
+		if i+1 >= len(raw) {
+			return out, false
+		}
+		i++
+		switch raw[i] {
+		case '"', '\\', '/':
+			out = append(out, raw[i])
+		case 'u':
+			if i+4 >= len(raw) {
+				return out, false
+			}
+			var r rune
+			for _, h := range raw[i+1 : i+5] {
+				switch {
+				case '0' <= h && h <= '9':
+					r = r<<4 | rune(h-'0')
+				case 'a' <= h && h <= 'f':
+					r = r<<4 | rune(h-'a'+10)
+				case 'A' <= h && h <= 'F':
+					r = r<<4 | rune(h-'A'+10)
+				default:
+					return out, false
+				}
+			}
+			if r < 0x20 || r >= 0x80 {
+				// Not base64 anyway; and encoding/base64 would skip a
+				// CR or LF, so one must not slip in this way.
+				return out, false
+			}
+			out = append(out, byte(r))
+			i += 4
+		default:
+			// \b \f \n \r \t: never part of base64.
+			return out, false
+		}
+	}
+	return out, true
 }
 
 // Encode builds a JSON body for the given keys (first is current).

@@ -8,12 +8,30 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
-	"sort"
+	"slices"
+	"strconv"
 	"strings"
 )
 
 // Sources locates the host's identity and credentials. The zero value reads
 // the real system; tests point the paths at fixtures.
+//
+// Resolution order (key.host and key.token name the source to use):
+// the configured source is tried first; if it is absent or malformed, the
+// problem is reported by name and the other automatic sources are tried,
+// in this order:
+//
+//	key.host:  configured source, then rd.unlockrd.host=, the credential
+//	           unlockrd.host, the SMBIOS system UUID (a literal id is final)
+//	key.token: configured source, then the credential unlockrd.token,
+//	           rd.unlockrd.token= (unset key.token: either, or no token)
+//
+// So an image built for SMBIOS credentials still boots a host whose
+// credential was mangled in transit when the operator adds the value to
+// the kernel command line, and says why it did. A command-line value that
+// is present but not used is reported too, so that nobody wonders which
+// one counted. The credential comes first among the token fallbacks
+// because it is neither on the disk nor in /proc/cmdline.
 type Sources struct {
 	// SysRoot prefixes /sys paths (default "/").
 	SysRoot string
@@ -31,121 +49,288 @@ const (
 	CredToken = "unlockrd.token"
 )
 
+// Source names as they appear in messages.
+const (
+	srcCmdlineHost  = "rd.unlockrd.host="
+	srcCmdlineToken = "rd.unlockrd.token="
+	srcUUID         = "the SMBIOS system UUID"
+	srcCredHost     = "SMBIOS credential " + CredHost
+	srcCredToken    = "SMBIOS credential " + CredToken
+)
+
 var hostIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 
+// errAbsent marks a source that is simply not there (as opposed to
+// present but malformed).
+var errAbsent = errors.New("not present")
+
 // HostID resolves key.host: "smbios-uuid", "cmdline", "credential" or a
-// literal id. rd.unlockrd.host= on the command line overrides any source,
-// since the command line is how one netboot image serves many hosts.
-func (s Sources) HostID(source string) (id, from string, err error) {
-	if s.CmdlineHost != "" {
-		return s.CmdlineHost, "rd.unlockrd.host", nil
+// literal id. It returns the id, the source it came from, and notes to
+// print (fallbacks taken, values ignored).
+func (s Sources) HostID(source string) (id, from string, notes []string, err error) {
+	if source == "" {
+		source = "smbios-uuid"
 	}
-	switch source {
-	case "", "smbios-uuid":
-		p := filepath.Join(s.sysRoot(), "sys/class/dmi/id/product_uuid")
-		b, err := os.ReadFile(p)
+	auto := map[string]string{"cmdline": srcCmdlineHost, "credential": srcCredHost, "smbios-uuid": srcUUID}
+	first, ok := auto[source]
+	if !ok {
+		if s.CmdlineHost != "" && s.CmdlineHost != source {
+			notes = append(notes, fmt.Sprintf("%s ignored: key.host names the host (%s)", srcCmdlineHost, source))
+		}
+		return source, "configuration", notes, nil
+	}
+	order := []string{first}
+	for _, o := range []string{srcCmdlineHost, srcCredHost, srcUUID} {
+		if o != first {
+			order = append(order, o)
+		}
+	}
+	var failed []string
+	for i, src := range order {
+		v, err := s.hostFrom(src)
 		if err != nil {
-			return "", "", fmt.Errorf("host id from SMBIOS: %w", err)
+			// Absent fallbacks are unremarkable; the configured source
+			// being absent, or any source being malformed, is not.
+			if i == 0 || !errors.Is(err, errAbsent) {
+				failed = append(failed, fmt.Sprintf("%s: %v", src, err))
+			}
+			continue
 		}
-		id := strings.ToLower(strings.TrimSpace(string(b)))
-		if !hostIDRE.MatchString(id) {
-			return "", "", fmt.Errorf("host id from SMBIOS: %s holds no usable UUID", p)
+		if len(failed) > 0 {
+			notes = append(notes, fmt.Sprintf("host id: %s; using %s instead", strings.Join(failed, "; "), src))
 		}
-		return id, "smbios-uuid", nil
-	case "cmdline":
-		return "", "", errors.New("host id: key.host is cmdline but rd.unlockrd.host= is not on the kernel command line")
-	case "credential":
+		if src != srcCmdlineHost && s.CmdlineHost != "" && s.CmdlineHost != v {
+			notes = append(notes, fmt.Sprintf("%s ignored: the host id comes from %s (key.host: %s)", srcCmdlineHost, src, source))
+		}
+		return v, src, notes, nil
+	}
+	return "", "", nil, fmt.Errorf("host id: no source gave one (%s)", strings.Join(failed, "; "))
+}
+
+func (s Sources) hostFrom(src string) (string, error) {
+	switch src {
+	case srcCmdlineHost:
+		if s.CmdlineHost == "" {
+			return "", fmt.Errorf("%w on the kernel command line", errAbsent)
+		}
+		if !hostIDRE.MatchString(s.CmdlineHost) {
+			return "", errors.New("malformed (not a valid host id)")
+		}
+		return s.CmdlineHost, nil
+	case srcCredHost:
 		v, err := s.Credential(CredHost)
 		if err != nil {
-			return "", "", fmt.Errorf("host id: %w", err)
+			return "", err
 		}
 		id := strings.TrimSpace(string(v))
 		clear(v)
 		if !hostIDRE.MatchString(id) {
-			return "", "", fmt.Errorf("host id: credential %s is not a valid host id", CredHost)
+			return "", errors.New("malformed (not a valid host id: letters, digits, . _ -, at most 128)")
 		}
-		return id, "credential " + CredHost, nil
-	default:
-		return source, "configuration", nil
-	}
-}
-
-// Token resolves key.token. The SMBIOS credential is preferred by design:
-// it is neither on the disk nor in /proc/cmdline. It returns the token
-// bytes (the caller wipes them), where they came from, and warnings to
-// print. An empty source with no command-line token means no token.
-func (s Sources) Token(source string) (tok []byte, from string, warnings []string, err error) {
-	if s.CmdlineToken != "" {
-		return []byte(s.CmdlineToken), "rd.unlockrd.token", nil, nil
-	}
-	switch {
-	case source == "":
-		return nil, "none", nil, nil
-	case source == "credential":
-		v, err := s.Credential(CredToken)
-		if err != nil {
-			return nil, "", nil, fmt.Errorf("token: %w", err)
-		}
-		return v, "credential " + CredToken, nil, nil
-	case source == "cmdline":
-		return nil, "", nil, errors.New("token: key.token is cmdline but rd.unlockrd.token= is not on the kernel command line")
-	case strings.HasPrefix(source, "file:"):
-		p := filepath.Join(s.fileRoot(), strings.TrimPrefix(source, "file:"))
+		return id, nil
+	case srcUUID:
+		p := filepath.Join(s.sysRoot(), "sys/class/dmi/id/product_uuid")
 		b, err := os.ReadFile(p)
 		if err != nil {
-			return nil, "", nil, fmt.Errorf("token file: %w", err)
+			if errors.Is(err, os.ErrNotExist) {
+				return "", fmt.Errorf("%w (no %s)", errAbsent, p)
+			}
+			return "", err
 		}
-		t := bytes.TrimSpace(b)
-		out := append([]byte(nil), t...)
-		clear(b)
-		if len(out) == 0 {
-			return nil, "", nil, fmt.Errorf("token file %s is empty", source)
+		id := strings.ToLower(strings.TrimSpace(string(b)))
+		if !hostIDRE.MatchString(id) {
+			return "", fmt.Errorf("%s holds no usable UUID", p)
 		}
-		return out, source, []string{"the token comes from a file in the image, which sits on the unencrypted boot medium; prefer an SMBIOS credential"}, nil
+		// SMBIOS: all zeros means "not set", all ones "not present";
+		// either would give every such machine the same id.
+		if strings.Trim(id, "0-") == "" || strings.Trim(id, "f-") == "" {
+			return "", fmt.Errorf("%w (the firmware left it unset: %s)", errAbsent, id)
+		}
+		return id, nil
 	}
-	return nil, "", nil, fmt.Errorf("token: unknown source %q", source)
+	return "", fmt.Errorf("unknown source %q", src)
+}
+
+// Token resolves key.token ("credential", "cmdline", "file:PATH", or ""
+// for none configured). It returns the token bytes (the caller wipes
+// them), where they came from, and notes to print (warnings, fallbacks
+// taken, values ignored). With no source configured and none present, it
+// returns no token and no error.
+func (s Sources) Token(source string) (tok []byte, from string, notes []string, err error) {
+	var order []string
+	switch {
+	case source == "" || source == "credential":
+		order = []string{srcCredToken, srcCmdlineToken}
+	case source == "cmdline":
+		order = []string{srcCmdlineToken, srcCredToken}
+	case strings.HasPrefix(source, "file:"):
+		order = []string{source, srcCredToken, srcCmdlineToken}
+	default:
+		return nil, "", nil, fmt.Errorf("token: unknown source %q", source)
+	}
+	var failed []string
+	for i, src := range order {
+		t, err := s.tokenFrom(src)
+		if err != nil {
+			if (i == 0 && source != "") || !errors.Is(err, errAbsent) {
+				failed = append(failed, fmt.Sprintf("%s: %v", src, err))
+			}
+			continue
+		}
+		if len(failed) > 0 {
+			notes = append(notes, fmt.Sprintf("token: %s; using %s instead", strings.Join(failed, "; "), src))
+		}
+		if src != srcCmdlineToken && s.CmdlineToken != "" {
+			notes = append(notes, fmt.Sprintf("%s ignored: the token comes from %s", srcCmdlineToken, src))
+		}
+		if strings.HasPrefix(src, "file:") {
+			notes = append(notes, "warning: the token comes from a file in the image, which sits on the unencrypted boot medium; prefer an SMBIOS credential")
+		}
+		return t, src, notes, nil
+	}
+	if source == "" && len(failed) == 0 {
+		return nil, "none", nil, nil
+	}
+	if source == "" {
+		// Something was there but malformed: say so, and go on without.
+		return nil, "none", []string{fmt.Sprintf("token: %s; sending no token", strings.Join(failed, "; "))}, nil
+	}
+	return nil, "", nil, fmt.Errorf("token: no source gave one (%s)", strings.Join(failed, "; "))
+}
+
+func (s Sources) tokenFrom(src string) ([]byte, error) {
+	var t []byte
+	switch {
+	case src == srcCmdlineToken:
+		if s.CmdlineToken == "" {
+			return nil, fmt.Errorf("%w on the kernel command line", errAbsent)
+		}
+		t = []byte(s.CmdlineToken)
+	case src == srcCredToken:
+		v, err := s.Credential(CredToken)
+		if err != nil {
+			return nil, err
+		}
+		t = v
+	case strings.HasPrefix(src, "file:"):
+		p := filepath.Join(s.fileRoot(), strings.TrimPrefix(src, "file:"))
+		b, err := os.ReadFile(p)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil, fmt.Errorf("%w in the image", errAbsent)
+			}
+			return nil, errors.New("unreadable")
+		}
+		t = append([]byte(nil), bytes.TrimSpace(b)...)
+		clear(b)
+	default:
+		return nil, fmt.Errorf("unknown source %q", src)
+	}
+	if err := checkToken(t); err != nil {
+		clear(t)
+		return nil, err
+	}
+	return t, nil
+}
+
+// maxToken bounds a token (the reference server reads at most 512 bytes).
+const maxToken = 512
+
+// checkToken accepts an RFC 6750 bearer token: it goes into an HTTP
+// header, so a stray CR or LF would inject headers. The error describes
+// the problem without quoting the secret.
+func checkToken(t []byte) error {
+	if len(t) == 0 {
+		return errors.New("malformed (empty)")
+	}
+	if len(t) > maxToken {
+		return fmt.Errorf("malformed (%d bytes, at most %d)", len(t), maxToken)
+	}
+	pad := false
+	for i, c := range t {
+		ok := 'A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' ||
+			c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/'
+		switch {
+		case c == '=' && i > 0:
+			pad = true
+		case ok && !pad:
+		default:
+			return fmt.Errorf("malformed (byte %d of %d is not allowed in a bearer token)", i+1, len(t))
+		}
+	}
+	return nil
 }
 
 // ErrNoCredential is returned when no SMBIOS credential has the name.
-var ErrNoCredential = errors.New("no such SMBIOS credential")
+var ErrNoCredential = fmt.Errorf("%w", errAbsent)
 
 // Credential returns the value of an SMBIOS type 11 (OEM strings)
 // credential: "io.systemd.credential:NAME=VALUE" or
-// "io.systemd.credential.binary:NAME=BASE64". A malformed entry is an error
-// naming the credential, so that the caller can say so and try other
-// sources.
+// "io.systemd.credential.binary:NAME=BASE64". The first entry with the
+// name counts. A malformed entry is an error that does not quote the
+// value, so that the caller can report it and try other sources.
 func (s Sources) Credential(name string) ([]byte, error) {
 	dir := filepath.Join(s.sysRoot(), "sys/firmware/dmi/entries")
 	ents, err := filepath.Glob(filepath.Join(dir, "11-*", "raw"))
 	if err != nil {
 		return nil, err
 	}
-	sort.Strings(ents)
+	// 11-2 before 11-10: the structures' order in the table.
+	slices.SortFunc(ents, func(a, b string) int { return entryIndex(a) - entryIndex(b) })
 	for _, p := range ents {
 		raw, err := os.ReadFile(p)
 		if err != nil {
 			continue
 		}
-		for _, str := range oemStrings(raw) {
-			if v, ok := bytes.CutPrefix(str, []byte("io.systemd.credential:"+name+"=")); ok {
-				out := append([]byte(nil), v...)
-				clear(raw)
-				return out, nil
-			}
-			if v, ok := bytes.CutPrefix(str, []byte("io.systemd.credential.binary:"+name+"=")); ok {
-				out := make([]byte, base64.StdEncoding.DecodedLen(len(v)))
-				n, err := base64.StdEncoding.Decode(out, v)
-				clear(raw)
-				if err != nil {
-					clear(out)
-					return nil, fmt.Errorf("SMBIOS credential %s: binary value is not base64", name)
-				}
-				return out[:n], nil
-			}
-		}
+		v, found, err := credentialIn(raw, name)
 		clear(raw)
+		if found {
+			return v, err
+		}
 	}
-	return nil, fmt.Errorf("%w %q", ErrNoCredential, name)
+	return nil, ErrNoCredential
+}
+
+// credentialIn looks for the credential in one raw SMBIOS type 11
+// structure.
+func credentialIn(raw []byte, name string) (v []byte, found bool, err error) {
+	for _, str := range oemStrings(raw) {
+		if v, ok := bytes.CutPrefix(str, []byte("io.systemd.credential:"+name+"=")); ok {
+			return append([]byte(nil), v...), true, nil
+		}
+		if v, ok := bytes.CutPrefix(str, []byte("io.systemd.credential.binary:"+name+"=")); ok {
+			out, err := decodeBase64(v)
+			if err != nil {
+				return nil, true, errors.New("malformed (the binary form's value is not base64)")
+			}
+			return out, true, nil
+		}
+	}
+	return nil, false, nil
+}
+
+// decodeBase64 decodes standard base64, padded or not, into a slice that
+// holds nothing beyond the value.
+func decodeBase64(v []byte) ([]byte, error) {
+	enc := base64.StdEncoding
+	if len(v)%4 != 0 {
+		enc = base64.RawStdEncoding
+	}
+	out := make([]byte, enc.DecodedLen(len(v)))
+	n, err := enc.Decode(out, v)
+	if err != nil {
+		clear(out)
+		return nil, err
+	}
+	clear(out[n:])
+	return out[:n:n], nil
+}
+
+// entryIndex is N in .../11-N/raw.
+func entryIndex(p string) int {
+	d := filepath.Base(filepath.Dir(p))
+	n, _ := strconv.Atoi(strings.TrimPrefix(d, "11-"))
+	return n
 }
 
 // oemStrings returns the string set of one SMBIOS structure: after the

@@ -1,16 +1,48 @@
 // Package keys is boot stage 5: it fetches the volume passphrases from the
 // key servers over TLS trusted only through SPKI pins (DESIGN §5), retrying
 // with capped, fully jittered exponential backoff until a server answers.
+//
+// # Several servers: a staggered start
+//
+// The URLs are neither raced nor strictly tried in turn. A round starts
+// with the first URL; the next one is started when the previous attempt
+// has failed, or has gone unanswered for Stagger (1 s by default) — then
+// both run and the first good answer wins, the others are cancelled. This
+// is the compromise Happy Eyeballs (RFC 8305) makes, for the same reasons:
+//
+//   - Strictly in turn, a black-holed first server (one that accepts TCP
+//     but never answers, or drops packets) costs attempt_timeout (10 s) on
+//     every round before the second is asked; staggered, it costs 1 s.
+//   - Raced, every boot of every host sends a request to every server:
+//     twice the load and audit lines on a healthy fleet, and a fleet that
+//     reboots at once spends the rate limits of all servers together. The
+//     token goes only to servers that passed the pin check, so racing
+//     would not leak it, but it would spread it (and its audit trail) to
+//     every server on every boot for no benefit. Staggered, a healthy
+//     first server is the only one asked.
+//   - A refused connection or an error answer moves to the next URL at
+//     once, so an outage that fails fast costs nothing.
+//
+// A round ends when every URL has failed. The wait before the next round
+// is the longest any server asked for: the jittered backoff, a long
+// backoff after 401/403/404, or the server's Retry-After (bounded by
+// 10 min), so no server is asked again before it said it could be.
+//
+// Every failed attempt prints one line: the server, the cause and what
+// happens next ("10.0.2.2:8443: connection refused; trying 10.0.2.2:8444",
+// "...; retrying in 4.2s", "...; giving up").
 package keys
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/url"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
@@ -24,7 +56,8 @@ type Logger interface {
 
 // Config is what the key stage needs.
 type Config struct {
-	// URLs are tried in order within a round; {host} is replaced by Host.
+	// URLs in order of preference; {host} is replaced by Host. See the
+	// package documentation for how several are used.
 	URLs []string
 	Pins []pin.Pin
 	Host string
@@ -35,6 +68,9 @@ type Config struct {
 	AttemptTimeout time.Duration
 	// GiveUpAfter ends the retries with ErrGaveUp; 0 retries forever.
 	GiveUpAfter time.Duration
+	// Stagger is how long an attempt may go unanswered before the next
+	// URL is tried beside it (default 1s).
+	Stagger time.Duration
 	// Backoff between rounds; zero values take the defaults.
 	Backoff Backoff
 
@@ -44,14 +80,15 @@ type Config struct {
 }
 
 // Backoff is capped exponential backoff with full jitter: before round n
-// the wait is uniform in [0, min(Cap, Base·2ⁿ)). Full jitter spreads a fleet
-// that reboots at once (after a power event) over the whole window instead
-// of letting it hammer the server in lockstep.
+// the wait is uniform in (0, min(Cap, Base·2ⁿ)]. Full jitter spreads a
+// fleet that reboots at once (after a power event) over the whole window
+// instead of letting it hammer the server in lockstep.
 type Backoff struct {
 	Base time.Duration // default 1s
 	Cap  time.Duration // default 60s
 	// Long is the wait after an answer an operator must fix (401, 403,
 	// 404): retrying fast would not help and would flood the audit log.
+	// The wait is uniform in [Long/2, Long].
 	Long time.Duration // default Cap
 }
 
@@ -79,6 +116,11 @@ func (b Backoff) delay(round int) time.Duration {
 	return time.Duration(rand.Int64N(int64(ceil)) + 1)
 }
 
+// long is the wait after 401/403/404.
+func (b Backoff) long() time.Duration {
+	return b.Long/2 + time.Duration(rand.Int64N(int64(b.Long/2)+1))
+}
+
 // Keys are the fetched passphrases, current first.
 type Keys struct {
 	Keys   [][]byte
@@ -92,8 +134,12 @@ func (k *Keys) Wipe() {
 	}
 }
 
-// maxRetryAfter bounds a server's Retry-After.
+// maxRetryAfter bounds a server's Retry-After: a broken or hostile server
+// must not park the host for days.
 const maxRetryAfter = 10 * time.Minute
+
+// maxRedirects bounds same-host redirects within one attempt.
+const maxRedirects = 5
 
 // ErrGaveUp is returned when GiveUpAfter passed without a key.
 var ErrGaveUp = errors.New("gave up fetching the key")
@@ -113,13 +159,26 @@ func (e *StatusError) Error() string {
 	case 403:
 		return "403 forbidden (host revoked?)"
 	case 404:
-		return "404 unknown host"
+		return "404 unknown host (not enrolled?)"
 	case 429:
 		return "429 too many requests"
 	case 503:
 		return "503 service unavailable"
 	}
 	return fmt.Sprintf("HTTP status %d", e.Code)
+}
+
+// timeoutError is an attempt that ran out of time in one phase.
+type timeoutError struct {
+	phase   phase
+	timeout time.Duration
+}
+
+func (e *timeoutError) Error() string {
+	if e.phase == phaseAnswer {
+		return "no answer within " + e.timeout.String()
+	}
+	return fmt.Sprintf("no %s within %s", e.phase, e.timeout)
 }
 
 // Fetch returns the keys from the first server that answers with a valid
@@ -134,108 +193,274 @@ func Fetch(ctx context.Context, cfg Config, log Logger) (*Keys, error) {
 	if cfg.AttemptTimeout <= 0 {
 		cfg.AttemptTimeout = 10 * time.Second
 	}
+	if cfg.Stagger <= 0 {
+		cfg.Stagger = time.Second
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
 	if cfg.Sleep == nil {
 		cfg.Sleep = sleep
 	}
-	bo := cfg.Backoff.withDefaults()
-	targets := make([]*url.URL, len(cfg.URLs))
-	for i, s := range cfg.URLs {
+	f := &fetcher{cfg: cfg, bo: cfg.Backoff.withDefaults(), log: log, dialer: &net.Dialer{}}
+	for _, s := range cfg.URLs {
 		u, err := expand(s, cfg.Host)
 		if err != nil {
 			return nil, err
 		}
-		targets[i] = u
+		f.targets = append(f.targets, u)
 	}
-	start := cfg.Now()
-	dialer := &net.Dialer{}
+	f.start = cfg.Now()
+	if cfg.GiveUpAfter > 0 {
+		// Also ends an attempt in flight when the time is up.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, cfg.GiveUpAfter, ErrGaveUp)
+		defer cancel()
+	}
 	for round := 0; ; round++ {
-		var wait time.Duration
-		for i, u := range targets {
-			keys, err := attempt(ctx, u, cfg, dialer)
-			if err == nil {
-				return keys, nil
-			}
-			if ctx.Err() != nil {
-				return nil, fmt.Errorf("%s: %w", u.Host, ctx.Err())
-			}
-			w := bo.delay(round)
-			var se *StatusError
-			if errors.As(err, &se) {
-				switch {
-				case se.HasRetryAfter:
-					// Honoured, but bounded: a broken or hostile server
-					// must not park the host for days.
-					w = min(se.RetryAfter, maxRetryAfter)
-				case se.Code == 401, se.Code == 403, se.Code == 404:
-					w = bo.Long/2 + time.Duration(rand.Int64N(int64(bo.Long/2)+1))
-				}
-			}
-			if w > wait {
-				wait = w
-			}
-			next := "next server"
-			if i == len(targets)-1 {
-				next = fmt.Sprintf("retrying in %.1fs", wait.Seconds())
-			}
-			log.Printf("%s: %v; %s", u.Host, err, next)
+		keys, wait, err := f.round(ctx, round)
+		if keys != nil {
+			return keys, nil
 		}
-		if cfg.GiveUpAfter > 0 && cfg.Now().Add(wait).Sub(start) > cfg.GiveUpAfter {
-			return nil, fmt.Errorf("%w after %s", ErrGaveUp, cfg.GiveUpAfter)
+		if err != nil {
+			return nil, err
 		}
 		if err := cfg.Sleep(ctx, wait); err != nil {
-			return nil, err
+			return nil, f.ctxErr(ctx, err)
 		}
 	}
 }
 
-// attempt performs one request to one server within AttemptTimeout.
+// fetcher is one Fetch call's state.
+type fetcher struct {
+	cfg     Config
+	bo      Backoff
+	log     Logger
+	dialer  *net.Dialer
+	targets []*url.URL
+	start   time.Time
+}
+
+// ctxErr turns the end of ctx into Fetch's error.
+func (f *fetcher) ctxErr(ctx context.Context, err error) error {
+	if errors.Is(context.Cause(ctx), ErrGaveUp) {
+		return fmt.Errorf("%w after %s", ErrGaveUp, f.cfg.GiveUpAfter)
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}
+
+// result is one attempt's outcome.
+type result struct {
+	i    int
+	keys *Keys
+	err  error
+}
+
+// round tries every URL once, staggered (see the package documentation).
+// It returns the keys, or the wait before the next round, or an error
+// that ends the fetch.
+func (f *fetcher) round(ctx context.Context, round int) (*Keys, time.Duration, error) {
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	results := make(chan result, len(f.targets))
+	running := map[int]bool{}
+	started := 0
+	launch := func() {
+		i := started
+		started++
+		running[i] = true
+		go func() {
+			k, err := attempt(rctx, f.targets[i], f.cfg, f.dialer)
+			results <- result{i, k, err}
+		}()
+	}
+	// drain cancels the attempts still running and waits for them, so
+	// that keys a second server delivered too are wiped, not dropped.
+	drain := func() {
+		cancel()
+		for len(running) > 0 {
+			r := <-results
+			delete(running, r.i)
+			r.keys.Wipe()
+		}
+	}
+	launch()
+	stagger := time.NewTimer(f.cfg.Stagger)
+	defer stagger.Stop()
+	var wait time.Duration
+	for {
+		var staggerC <-chan time.Time
+		if started < len(f.targets) {
+			staggerC = stagger.C
+		}
+		select {
+		case <-ctx.Done():
+			drain()
+			return nil, 0, f.ctxErr(ctx, ctx.Err())
+		case <-staggerC:
+			f.log.Printf("%s: no answer yet after %s; trying %s as well",
+				f.targets[started-1].Host, f.cfg.Stagger, f.targets[started].Host)
+			launch()
+			stagger.Reset(f.cfg.Stagger)
+		case r := <-results:
+			delete(running, r.i)
+			if r.err == nil {
+				drain()
+				return r.keys, 0, nil
+			}
+			if ctx.Err() != nil {
+				drain()
+				return nil, 0, f.ctxErr(ctx, r.err)
+			}
+			wait = max(wait, f.waitAfter(r.err, round))
+			host := f.targets[r.i].Host
+			switch {
+			case started < len(f.targets):
+				f.log.Printf("%s: %v; trying %s", host, r.err, f.targets[started].Host)
+				launch()
+				stagger.Reset(f.cfg.Stagger)
+			case len(running) > 0:
+				f.log.Printf("%s: %v; waiting for %s", host, r.err, f.hosts(running))
+			case f.cfg.GiveUpAfter > 0 && f.cfg.Now().Add(wait).Sub(f.start) > f.cfg.GiveUpAfter:
+				// The next round would start after the deadline.
+				f.log.Printf("%s: %v; giving up", host, r.err)
+				return nil, 0, fmt.Errorf("%w after %s", ErrGaveUp, f.cfg.GiveUpAfter)
+			default:
+				f.log.Printf("%s: %v; retrying in %s", host, r.err, fmtDur(wait))
+				return nil, wait, nil
+			}
+		}
+	}
+}
+
+// hosts names the servers whose attempts are still running, in URL order.
+func (f *fetcher) hosts(running map[int]bool) string {
+	var hs []string
+	for i, u := range f.targets {
+		if running[i] {
+			hs = append(hs, u.Host)
+		}
+	}
+	return strings.Join(hs, ", ")
+}
+
+// waitAfter is the wait a failure asks for before the next round.
+func (f *fetcher) waitAfter(err error, round int) time.Duration {
+	var se *StatusError
+	if errors.As(err, &se) {
+		switch {
+		case se.HasRetryAfter:
+			// At least what the server asked for, at least Base (a
+			// "Retry-After: 0" must not make a tight loop), plus up to
+			// 10% so that a fleet told the same number does not come
+			// back in lockstep.
+			w := max(min(se.RetryAfter, maxRetryAfter), f.bo.Base)
+			return w + time.Duration(rand.Int64N(int64(w/10)+1))
+		case se.Code == 401, se.Code == 403, se.Code == 404:
+			return f.bo.long()
+		}
+	}
+	return f.bo.delay(round)
+}
+
+// attempt performs one request to one server within AttemptTimeout,
+// following redirects to the same host only.
 func attempt(ctx context.Context, u *url.URL, cfg Config, dialer *net.Dialer) (*Keys, error) {
-	ctx, cancel := context.WithTimeout(ctx, cfg.AttemptTimeout)
+	actx, cancel := context.WithTimeout(ctx, cfg.AttemptTimeout)
 	defer cancel()
 	tc := tlsConfig(cfg.Pins, u.Hostname(), cfg.Now)
 	cur := u
+	seen := map[string]bool{u.String(): true}
 	for redirects := 0; ; redirects++ {
-		resp, err := get(ctx, cur, cfg.Token, tc, dialer)
+		resp, err := get(actx, cur, cfg.Token, tc, dialer)
 		if err != nil {
-			if ctx.Err() != nil || isTimeout(err) {
-				return nil, fmt.Errorf("no answer within %s", cfg.AttemptTimeout)
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
 			}
-			return nil, err
+			return nil, describe(err, actx.Err() != nil, cfg.AttemptTimeout)
 		}
 		switch {
 		case resp.status == 200:
 			ks, err := keyproto.Decode(resp.contentType, resp.body)
-			clear(resp.body)
+			resp.wipe()
 			if err != nil {
 				return nil, err
 			}
-			return &Keys{Keys: ks, Server: cur.Host}, nil
-		case resp.status >= 300 && resp.status < 400 && resp.location != "":
+			return &Keys{Keys: ks, Server: u.Host}, nil
+		case isRedirect(resp.status):
+			if resp.location == "" {
+				return nil, fmt.Errorf("%d redirect without a Location", resp.status)
+			}
 			next, err := cur.Parse(resp.location)
 			if err != nil {
-				return nil, fmt.Errorf("redirect: malformed Location")
+				return nil, fmt.Errorf("%d redirect: malformed Location", resp.status)
 			}
 			// Same scheme, host and port only: the pin and the token
 			// belong to this server.
-			if next.Scheme != "https" || next.Host != cur.Host {
+			if next.Scheme != "https" {
+				return nil, fmt.Errorf("redirect to a %s: URL refused", next.Scheme)
+			}
+			if !strings.EqualFold(next.Host, cur.Host) {
 				return nil, fmt.Errorf("redirect to another host (%s) refused", next.Host)
 			}
-			if redirects >= 3 {
-				return nil, fmt.Errorf("too many redirects")
+			next.Fragment, next.RawFragment, next.User = "", "", nil
+			if seen[next.String()] {
+				return nil, fmt.Errorf("redirect loop (%s)", next.EscapedPath())
 			}
+			if redirects >= maxRedirects {
+				return nil, fmt.Errorf("more than %d redirects", maxRedirects)
+			}
+			seen[next.String()] = true
 			cur = next
-			continue
 		case resp.status == 429 || resp.status == 503:
 			se := &StatusError{Code: resp.status}
-			se.RetryAfter, se.HasRetryAfter = parseRetryAfter(resp.retryAfter, cfg.Now())
+			se.RetryAfter, se.HasRetryAfter = parseRetryAfter(resp.retryAfter, resp.date, cfg.Now())
 			return nil, se
 		default:
 			return nil, &StatusError{Code: resp.status}
 		}
 	}
+}
+
+func isRedirect(code int) bool {
+	switch code {
+	case 301, 302, 303, 307, 308:
+		return true
+	}
+	return false
+}
+
+// describe turns a request error into the cause a status line shows:
+// which phase timed out, or the bare reason a connection failed (the
+// line already names the server, so "dial tcp 10.0.2.2:8443: connect:"
+// is noise).
+func describe(err error, timedOut bool, timeout time.Duration) error {
+	ph := phaseAnswer
+	var pe *phaseError
+	if errors.As(err, &pe) {
+		ph = pe.phase
+	}
+	if timedOut || isTimeout(err) {
+		return &timeoutError{phase: ph, timeout: timeout}
+	}
+	var dnsErr *net.DNSError
+	if errors.As(err, &dnsErr) {
+		return fmt.Errorf("cannot resolve %s: %s", dnsErr.Name, dnsErr.Err)
+	}
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		if ph == phaseConnect {
+			return errno
+		}
+		return fmt.Errorf("%s: %w", ph, errno)
+	}
+	if ph == phaseHandshake && errors.Is(err, io.EOF) {
+		return errors.New("TLS: connection closed during the handshake")
+	}
+	return err
 }
 
 func isTimeout(err error) bool {
@@ -254,6 +479,14 @@ func expand(tmpl, host string) (*url.URL, error) {
 		return nil, fmt.Errorf("key URL %q: want https://host/...", tmpl)
 	}
 	return u, nil
+}
+
+// fmtDur prints a wait for a console line: "4.2s", "45.0s", "10m0s".
+func fmtDur(d time.Duration) string {
+	if d < time.Minute {
+		return fmt.Sprintf("%.1fs", d.Seconds())
+	}
+	return d.Round(time.Second).String()
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

@@ -13,6 +13,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
+	stdlog "log"
 	"math/big"
 	"net"
 	"net/http"
@@ -106,6 +108,7 @@ func startServer(t *testing.T, chain []*certKit, h http.HandlerFunc) *server {
 	for _, c := range chain {
 		certs = append(certs, c.der)
 	}
+	hs.Config.ErrorLog = stdlog.New(io.Discard, "", 0) // refused handshakes are the point
 	hs.TLS = &tls.Config{Certificates: []tls.Certificate{{Certificate: certs, PrivateKey: chain[0].key}}}
 	hs.StartTLS()
 	t.Cleanup(hs.Close)
@@ -115,9 +118,13 @@ func startServer(t *testing.T, chain []*certKit, h http.HandlerFunc) *server {
 
 var testKey = []byte("correct horse battery staple \x00\x01\x02 key")
 
+// testToken is the bearer token every test sends; like the key, it must
+// never show up in logs or errors.
+const testToken = "T0k3n-s3cr3t_value.9f8e7d6c"
+
 func keyHandler(keys ...[]byte) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("Authorization") != "Bearer tok" {
+		if r.Header.Get("Authorization") != "Bearer "+testToken {
 			w.WriteHeader(401)
 			return
 		}
@@ -163,7 +170,7 @@ func fetch(t *testing.T, urls []string, pins []pin.Pin, rounds int, mod func(*Co
 		URLs:           urls,
 		Pins:           pins,
 		Host:           "host-1",
-		Token:          []byte("tok"),
+		Token:          []byte(testToken),
 		AttemptTimeout: 5 * time.Second,
 		Sleep: func(ctx context.Context, d time.Duration) error {
 			waits = append(waits, d)
@@ -181,6 +188,7 @@ func fetch(t *testing.T, urls []string, pins []pin.Pin, rounds int, mod func(*Co
 	defer cancel()
 	k, err := Fetch(ctx, cfg, log)
 	checkNoSecret(t, log.String(), err)
+	checkStatusLines(t, log)
 	return k, err, log, waits
 }
 
@@ -194,7 +202,8 @@ func checkNoSecret(t *testing.T, logs string, err error) {
 	}
 	for _, form := range []string{
 		string(testKey), "correct horse", base64.StdEncoding.EncodeToString(testKey),
-		hex.EncodeToString(testKey), fmt.Sprintf("%v", testKey), fmt.Sprintf("%q", testKey), "Bearer tok",
+		hex.EncodeToString(testKey), fmt.Sprintf("%v", testKey), fmt.Sprintf("%q", testKey), fmt.Sprintf("%x", testKey),
+		testToken, base64.StdEncoding.EncodeToString([]byte(testToken)), hex.EncodeToString([]byte(testToken)),
 	} {
 		if strings.Contains(all, form) {
 			t.Fatalf("secret (%q) leaked into logs or error:\n%s", form, all)
@@ -341,10 +350,11 @@ func TestRetryAfterHonoured(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(waits) != 1 || waits[0] != 7*time.Second {
-		t.Fatalf("waits = %v, want [7s]", waits)
+	// At least what the server asked for, plus at most 10% of jitter.
+	if len(waits) != 1 || waits[0] < 7*time.Second || waits[0] > 7700*time.Millisecond {
+		t.Fatalf("waits = %v, want one in [7s, 7.7s]", waits)
 	}
-	if !strings.Contains(log.String(), "503") || !strings.Contains(log.String(), "retrying in 7.0s") {
+	if !strings.Contains(log.String(), "503") || !strings.Contains(log.String(), "retrying in 7.") {
 		t.Fatalf("log: %s", log)
 	}
 	k.Wipe()
@@ -429,33 +439,40 @@ func TestUnauthorizedWithoutToken(t *testing.T) {
 func TestFailoverToSecondServer(t *testing.T) {
 	leaf := makeCert(t, validTemplate("leaf", false), nil, nil)
 	s := startServer(t, []*certKit{leaf}, keyHandler(testKey))
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	down := closedPort(t)
+	// A stagger far beyond the test: the second server is asked because
+	// the first failed, not because it was slow.
+	k, err, log, waits := fetch(t, []string{"https://" + down + "/v1/keys/{host}", urlOf(s)}, []pin.Pin{pin.FromCert(leaf.cert)}, 1, func(c *Config) {
+		c.Stagger = time.Hour
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	down := l.Addr().String()
-	l.Close()
-	k, err, log, waits := fetch(t, []string{"https://" + down + "/v1/keys/{host}", urlOf(s)}, []pin.Pin{pin.FromCert(leaf.cert)}, 1, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(waits) != 0 || !strings.Contains(log.String(), down) || !strings.Contains(log.String(), "next server") {
-		t.Fatalf("waits=%v log=%s", waits, log)
+	want := down + ": connection refused; trying " + s.Listener.Addr().String()
+	if len(waits) != 0 || log.String() != want {
+		t.Fatalf("waits=%v log=%q, want %q", waits, log, want)
 	}
 	if k.Server != s.Listener.Addr().String() {
 		t.Fatalf("answered by %s", k.Server)
 	}
 }
 
-func TestGiveUpAfter(t *testing.T) {
+// closedPort returns a loopback address nothing listens on.
+func closedPort(t *testing.T) string {
+	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	down := l.Addr().String()
+	addr := l.Addr().String()
 	l.Close()
+	return addr
+}
+
+func TestGiveUpAfter(t *testing.T) {
+	down := closedPort(t)
 	now := time.Unix(1e9, 0)
-	_, err, _, _ = fetch(t, []string{"https://" + down + "/{host}"}, []pin.Pin{{}}, 1000, func(c *Config) {
+	_, err, log, waits := fetch(t, []string{"https://" + down + "/{host}"}, []pin.Pin{{}}, 1000, func(c *Config) {
 		c.GiveUpAfter = 5 * time.Minute
 		c.Now = func() time.Time { return now }
 		sl := c.Sleep
@@ -463,6 +480,35 @@ func TestGiveUpAfter(t *testing.T) {
 			now = now.Add(d)
 			return sl(ctx, d)
 		}
+	})
+	if !errors.Is(err, ErrGaveUp) {
+		t.Fatalf("err = %v, want ErrGaveUp", err)
+	}
+	var total time.Duration
+	for _, w := range waits {
+		total += w
+	}
+	if total > 5*time.Minute {
+		t.Fatalf("slept %s in all, past give_up_after", total)
+	}
+	lines := log.lines
+	if last := lines[len(lines)-1]; last != down+": connection refused; giving up" {
+		t.Fatalf("last line %q, want it to say it gives up", last)
+	}
+	for _, l := range lines[:len(lines)-1] {
+		if !strings.Contains(l, "; retrying in ") {
+			t.Fatalf("line %q does not say when it retries", l)
+		}
+	}
+}
+
+// TestGiveUpAfterEndsAnAttemptInFlight: the deadline also cuts an attempt
+// short (a black-holed server and a long attempt timeout).
+func TestGiveUpAfterEndsAnAttemptInFlight(t *testing.T) {
+	hole := blackHole(t)
+	_, err, _, _ := fetch(t, []string{"https://" + hole + "/{host}"}, []pin.Pin{{}}, 1000, func(c *Config) {
+		c.GiveUpAfter = 200 * time.Millisecond
+		c.AttemptTimeout = time.Hour
 	})
 	if !errors.Is(err, ErrGaveUp) {
 		t.Fatalf("err = %v, want ErrGaveUp", err)
@@ -484,13 +530,29 @@ func TestBackoffFullJitterCapped(t *testing.T) {
 
 func TestParseRetryAfter(t *testing.T) {
 	now := time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
-	if d, ok := parseRetryAfter("120", now); !ok || d != 2*time.Minute {
-		t.Fatal(d, ok)
-	}
-	if d, ok := parseRetryAfter(now.Add(90*time.Second).Format(time.RFC1123), now); !ok || d != 90*time.Second {
-		t.Fatal(d, ok)
-	}
-	if _, ok := parseRetryAfter("soon", now); ok {
-		t.Fatal("accepted garbage")
+	date := func(t time.Time, layout string) string { return t.Format(layout) }
+	for _, tc := range []struct {
+		v, date string
+		want    time.Duration
+		ok      bool
+	}{
+		{"120", "", 2 * time.Minute, true},
+		{" 0 ", "", 0, true},
+		{"99999999999999", "", maxRetryAfter, true},
+		{date(now.Add(90*time.Second), http.TimeFormat), "", 90 * time.Second, true},
+		{date(now.Add(90*time.Second), time.RFC850), "", 90 * time.Second, true},
+		{date(now.Add(90*time.Second), time.ANSIC), "", 90 * time.Second, true},
+		{date(now.Add(-time.Hour), http.TimeFormat), "", 0, true},
+		// The server's clock is what counts: our clock may be years off.
+		{date(now.Add(30*time.Second+24*365*time.Hour), http.TimeFormat), date(now.Add(24*365*time.Hour), http.TimeFormat), 30 * time.Second, true},
+		{"soon", "", 0, false},
+		{"-5", "", 0, false},
+		{"+5", "", 0, false},
+		{"", "", 0, false},
+	} {
+		d, ok := parseRetryAfter(tc.v, tc.date, now)
+		if ok != tc.ok || d != tc.want {
+			t.Errorf("parseRetryAfter(%q, %q) = %s, %v; want %s, %v", tc.v, tc.date, d, ok, tc.want, tc.ok)
+		}
 	}
 }

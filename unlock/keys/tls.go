@@ -10,18 +10,23 @@ import (
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
-// ErrPin is wrapped when the server's certificates match no pin.
+// ErrPin is wrapped when the server's certificates match no pin, or the
+// leaf does not verify up to the pinned certificate.
 var ErrPin = errors.New("pin check failed")
 
 // verifyPinned returns a tls.Config.VerifyConnection callback. It runs
-// inside the handshake, before the client's Finished message, so a server
-// that fails it never sees a request.
+// inside the handshake, before the client's Finished message in TLS 1.2
+// and 1.3, so a server that fails it never sees a request.
 //
 // A pin on the leaf's key accepts that key whatever the clock says: the
 // initramfs clock may be wrong and the key itself is what was pinned. A pin
 // on an issuing certificate accepts a leaf only if the leaf verifies up to
 // that very certificate (signatures, validity, key usage, host name), so
-// presenting a pinned public CA beside a leaf of one's own does not pass.
+// presenting a pinned public CA beside a leaf of one's own does not pass:
+// the leaf's signature must check out under the pinned key. The pinned
+// certificate must be among those the server presents (we hold only its
+// key's hash); that is the usual case for an intermediate, and for a
+// private CA the server can simply send it.
 func verifyPinned(pins []pin.Pin, serverName string, now func() time.Time) func(tls.ConnectionState) error {
 	return func(cs tls.ConnectionState) error {
 		certs := cs.PeerCertificates
@@ -45,32 +50,78 @@ func verifyPinned(pins []pin.Pin, serverName string, now func() time.Time) func(
 			}
 		}
 		if !anchored {
-			return fmt.Errorf("%w: no certificate from the server matches a configured pin (leaf key is %s)", ErrPin, leafPin)
+			return fmt.Errorf("%w: no certificate from the server matches a configured pin (its key is %s)", ErrPin, leafPin)
 		}
-		_, err := leaf.Verify(x509.VerifyOptions{
+		t := now()
+		chains, err := leaf.Verify(x509.VerifyOptions{
 			DNSName:       serverName,
 			Roots:         roots,
 			Intermediates: inter,
-			CurrentTime:   now(),
+			CurrentTime:   t,
 			KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		})
 		if err != nil {
+			var ce x509.CertificateInvalidError
+			if errors.As(err, &ce) && ce.Reason == x509.Expired {
+				// Under a CA pin validity counts, and the initramfs
+				// clock is the usual suspect.
+				return fmt.Errorf("%w: leaf does not verify up to the pinned certificate: %v (the clock says %s)",
+					ErrPin, err, t.UTC().Format(time.RFC3339))
+			}
 			return fmt.Errorf("%w: leaf does not verify up to the pinned certificate: %v", ErrPin, err)
 		}
-		return nil
+		// crypto/x509 checks extended key usage and that every issuer,
+		// the pinned one too, is a CA allowed to sign certificates
+		// (CheckSignatureFrom), but not the leaf's key usage bits.
+		var kuErr error
+		for _, ch := range chains {
+			if kuErr = checkLeafKeyUsage(ch[0]); kuErr == nil {
+				return nil
+			}
+		}
+		return fmt.Errorf("%w: %v", ErrPin, kuErr)
 	}
 }
 
+// checkLeafKeyUsage: the leaf's key usage, when present, must allow
+// digital signatures, since every suite we offer is ECDHE or TLS 1.3,
+// where the server signs the handshake with that key.
+func checkLeafKeyUsage(leaf *x509.Certificate) error {
+	if leaf.KeyUsage != 0 && leaf.KeyUsage&x509.KeyUsageDigitalSignature == 0 {
+		return errors.New("the leaf's key usage does not allow digital signatures")
+	}
+	return nil
+}
+
+// cipherSuites are the TLS 1.2 suites offered: forward-secret ECDHE with
+// an AEAD only. (TLS 1.3 suites are not configurable and all qualify.)
+var cipherSuites = []uint16{
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+}
+
 // tlsConfig is the client configuration for one server: no system roots,
-// TLS 1.2 or newer, verification done only by the pin callback.
+// TLS 1.2 or newer, verification done only by the pin callback, no
+// session resumption (every connection is verified in full).
+//
+// ServerName is the URL's host. crypto/tls sends it as SNI only when it is
+// a DNS name, never for an IP literal (RFC 6066 forbids that), and the
+// CA-pin verification checks it against the leaf's DNS or IP names.
 func tlsConfig(pins []pin.Pin, serverName string, now func() time.Time) *tls.Config {
 	return &tls.Config{
-		MinVersion: tls.VersionTLS12,
-		ServerName: serverName,
+		MinVersion:   tls.VersionTLS12,
+		CipherSuites: cipherSuites,
+		ServerName:   serverName,
 		// The standard verification would consult the system roots, which
 		// an initramfs does not have and must not trust; VerifyConnection
-		// does all of the checking instead.
+		// does all of the checking instead, and runs on every handshake.
 		InsecureSkipVerify: true,
 		VerifyConnection:   verifyPinned(pins, serverName, now),
+		// No ClientSessionCache: no resumption, so no handshake skips
+		// the certificate.
 	}
 }

@@ -18,6 +18,7 @@ const (
 	OutcomeRateLimited      = "rate_limited"
 	OutcomeMethodNotAllowed = "method_not_allowed"
 	OutcomeNotFound         = "not_found"
+	OutcomeBadRequest       = "bad_request"
 	OutcomeBusy             = "busy"
 	OutcomeError            = "error"
 	OutcomeHealth           = "health"
@@ -35,7 +36,8 @@ type AuditEvent struct {
 	Outcome    string    `json:"outcome"`
 	KeyIDs     []string  `json:"key_ids,omitempty"`
 	DurationMS float64   `json:"duration_ms"`
-	Error      string    `json:"error,omitempty"` // internal failures only
+	Reason     string    `json:"reason,omitempty"` // what was wrong with the request (4xx), as answered
+	Error      string    `json:"error,omitempty"`  // internal failures only
 }
 
 // JSONAudit returns an audit sink writing one JSON object per line to w.

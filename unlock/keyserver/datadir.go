@@ -11,6 +11,7 @@ import (
 
 	"github.com/unlockrd/unlockrd/unlock/keyserver/store"
 	"github.com/unlockrd/unlockrd/unlock/keyserver/store/boltstore"
+	"github.com/unlockrd/unlockrd/unlock/keyserver/store/etcdstore"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
@@ -36,24 +37,35 @@ type DataOptions struct {
 	Create bool
 	// MasterKeyPath overrides <dir>/master.key. It is never created.
 	MasterKeyPath string
-	// LockTimeout bounds waits for the data file's lock (see boltstore).
+	// LockTimeout bounds waits for the data file's lock (see boltstore),
+	// or each etcd operation, retries included (see etcdstore).
 	LockTimeout time.Duration
+	// Etcd, if set, keeps the host records in etcd instead of
+	// <dir>/hosts.db; the folder then holds only the master key and the
+	// TLS material of this replica. Create and LockTimeout apply to it.
+	Etcd *etcdstore.Options
 }
 
 // Data is an open data folder: its store and the sealer for its keys.
 type Data struct {
 	Dir           string
 	MasterKeyPath string
-	Store         *boltstore.Store
-	Sealer        *Sealer
+	Store         store.Store
+	// Where names the store in messages: the data file, or the etcd
+	// endpoints and prefix.
+	Where  string
+	Sealer *Sealer
 }
 
 // OpenData opens the data folder dir. It fails with ErrWrongMasterKey if
-// the master key does not match the one the data file records, and with
-// store.ErrCorrupt if the data file is unreadable.
+// the master key does not match the one the store records, and with
+// store.ErrCorrupt if the store's data is unreadable.
 func OpenData(ctx context.Context, dir string, o DataOptions) (*Data, error) {
 	if dir == "" {
 		return nil, errors.New("no data folder given (--data)")
+	}
+	if o.Etcd != nil {
+		return openEtcdData(ctx, dir, o)
 	}
 	dbPath := filepath.Join(dir, DBFile)
 	mkPath := o.MasterKeyPath
@@ -99,16 +111,95 @@ func OpenData(ctx context.Context, dir string, o DataOptions) (*Data, error) {
 	if err != nil {
 		return nil, err
 	}
-	recorded, err := st.MasterKeyID(ctx, sealer.ID())
+	d := &Data{Dir: dir, MasterKeyPath: mkPath, Store: st, Where: "data file " + dbPath, Sealer: sealer}
+	if err := d.checkMasterKey(ctx, false); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// openEtcdData is OpenData for records kept in etcd. The master key stays
+// a file: every replica needs the same one (copied, or shared by path),
+// and etcd, which may be backed up or read by others, never holds it. So
+// only the first process to use an empty prefix may make a master key; a
+// replica that joins later without one is told to copy it.
+func openEtcdData(ctx context.Context, dir string, o DataOptions) (*Data, error) {
+	eo := *o.Etcd
+	eo.Create = o.Create
+	if eo.Timeout == 0 {
+		eo.Timeout = o.LockTimeout
+	}
+	if o.Create {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("data folder %s: %w", dir, err)
+		}
+	}
+	st, err := etcdstore.Open(ctx, eo)
 	if err != nil {
 		return nil, err
 	}
-	if recorded != sealer.ID() {
-		return nil, fmt.Errorf("master key %s (id %s) is not the one data file %s was sealed under (id %s): %w",
-			mkPath, sealer.ID(), dbPath, recorded, ErrWrongMasterKey)
+	where := st.String()
+	recorded, err := st.MasterKeyID(ctx, "")
+	if err != nil {
+		st.Close()
+		return nil, err
 	}
-	return &Data{Dir: dir, MasterKeyPath: mkPath, Store: st, Sealer: sealer}, nil
+	mkPath := o.MasterKeyPath
+	defaultMK := mkPath == ""
+	if defaultMK {
+		mkPath = filepath.Join(dir, MasterKeyFile)
+	}
+	var mk []byte
+	created := false
+	if _, serr := os.Stat(mkPath); errors.Is(serr, os.ErrNotExist) && o.Create && defaultMK && recorded == "" {
+		mk, err = CreateMasterKey(mkPath)
+		created = err == nil
+	} else {
+		mk, err = LoadMasterKey(mkPath)
+		if errors.Is(err, os.ErrNotExist) && recorded != "" {
+			err = fmt.Errorf("%w; the hosts in %s are sealed under master key %s: copy master.key from a replica that has it, or point --master-key / $%s at it",
+				err, where, recorded, MasterKeyEnv)
+		}
+	}
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	sealer, err := NewSealer(mk)
+	clear(mk)
+	if err != nil {
+		st.Close()
+		return nil, fmt.Errorf("master key %s: %w", mkPath, err)
+	}
+	d := &Data{Dir: dir, MasterKeyPath: mkPath, Store: st, Where: where, Sealer: sealer}
+	if err := d.checkMasterKey(ctx, created); err != nil {
+		st.Close()
+		return nil, err
+	}
+	return d, nil
 }
+
+// checkMasterKey records our master key's id in a store that has none, or
+// checks it against the recorded one. A key we have just created and
+// that lost the race to record itself (two replicas' first start at once)
+// sealed nothing, so it is removed again rather than left to confuse.
+func (d *Data) checkMasterKey(ctx context.Context, created bool) error {
+	recorded, err := d.Store.MasterKeyID(ctx, d.Sealer.ID())
+	if err != nil {
+		return err
+	}
+	if recorded != d.Sealer.ID() {
+		if created {
+			os.Remove(d.MasterKeyPath)
+		}
+		return fmt.Errorf("master key %s (id %s) is not the one %s was sealed under (id %s): %w",
+			d.MasterKeyPath, d.Sealer.ID(), d.Where, recorded, ErrWrongMasterKey)
+	}
+	return nil
+}
+
+// Close releases the store (for etcd, its connections).
+func (d *Data) Close() error { return d.Store.Close() }
 
 // Admin returns an Admin over the folder's store and sealer.
 func (d *Data) Admin() *Admin { return &Admin{Store: d.Store, Sealer: d.Sealer} }
@@ -178,5 +269,3 @@ func DataPin(dir string) (pin.Pin, error) {
 	}
 	return p, nil
 }
-
-var _ store.Store = (*boltstore.Store)(nil)

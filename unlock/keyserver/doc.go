@@ -16,6 +16,20 @@
 // sealed its keys, so a server given the wrong master key refuses to start
 // instead of failing each host at boot time.
 //
+// # Replicas on etcd
+//
+// With DataOptions.Etcd (`--store etcd`) the host records live in etcd
+// (store/etcdstore) and hosts.db is not used: any number of stateless
+// replicas serve the same hosts, and an admin command run with any
+// replica's settings is seen by all at their next request (reads are
+// linearizable). The folder keeps what must never be in etcd: master.key,
+// which every replica needs (the first process on an empty prefix creates
+// it; the others are given a copy, or a shared path with --master-key,
+// and refuse to start without it rather than make their own), and the TLS
+// key (copied too, so one pin covers every replica; or one key each, all
+// pins in the image). The master key's id is recorded in etcd, so a
+// replica with the wrong key refuses to start, as with hosts.db.
+//
 // # Keys at rest
 //
 // Each host key is sealed with AES-256-GCM under the master key, with the
@@ -31,16 +45,31 @@
 // under a millisecond, each admin change the exclusive lock for one fsync'd
 // transaction. Either side waits up to a lock timeout for the other (5 s for
 // the server, answering 503 + Retry-After if it runs out; 10 s for admin
-// commands, --lock-timeout). No IPC, no server-side cache to invalidate:
-// a change is visible to the next request.
+// commands, --lock-timeout). No IPC: a change is visible to the next
+// request. Key requests mostly don't open the file at all: the server
+// keeps a snapshot of the records and, at each request, checks with one
+// stat and one pread of bbolt's meta pages that no transaction was
+// committed since (boltstore/snapshot.go); only after a change does one
+// request read the file again.
 //
 // # Request handling
 //
 // GET /v1/keys/{host} is checked in this order, cheapest and least
-// revealing first: method (405), host id syntax (400), global then per-host
-// token bucket (429 + Retry-After), bearer token present (401), host known
-// (404), token matches (401), host active (403). Then the keys are unsealed,
-// written as {"keys":[...]} (current first) and wiped. Every request,
-// including /healthz, yields one AuditEvent (JSON line on stderr in the
-// command) with no key material or token.
+// revealing first: a request body (413), method (405), host id syntax (400),
+// global then per-host token bucket (429 + Retry-After), bearer token
+// present (401), host known (404), token matches (401), host active (403).
+// Then the keys are unsealed, written as {"keys":[...]} (current first) and
+// wiped. A 4xx body says what was wrong. Every request, including /healthz
+// and those net/http rejects itself (malformed, headers over
+// MaxHeaderBytes, cut short; seen through the server's ConnState hook),
+// yields one AuditEvent (JSON line on stderr in the command) with no key
+// material or token.
+//
+// # Load
+//
+// Admission control sheds work the handler would do, but a TLS handshake
+// is paid before any handler runs, and dominates the cost of a fetch. So
+// the listener also caps the connections served at once (DefaultMaxConns):
+// beyond it connections wait in the kernel's listen queue, and the
+// server's memory stays bounded whatever the size of the fleet booting.
 package keyserver

@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -75,6 +77,8 @@ type Handler struct {
 	global *rate.Limiter
 	hosts  *hostLimiters
 
+	conns sync.Map // net.Conn -> *connInfo
+
 	healthMu   sync.Mutex
 	healthAt   time.Time
 	healthErr  error
@@ -121,13 +125,21 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	hdr.Set("Cache-Control", "no-store")
 	hdr.Set("X-Content-Type-Options", "nosniff")
 
+	if ci, ok := r.Context().Value(connKey{}).(*connInfo); ok {
+		ci.pending.Store(false) // this request reached us: it gets its own line
+	}
+
 	switch {
+	case r.ContentLength > 0 || (r.ContentLength < 0 && r.ProtoMajor == 1):
+		// No request of ours has a body; one that does is not a key
+		// client, and reading it would only cost us.
+		h.fail(w, &ev, http.StatusRequestEntityTooLarge, OutcomeBadRequest, "request body not allowed")
 	case path == HealthPath:
 		h.health(w, r, &ev)
 	case strings.HasPrefix(path, KeysPath):
 		h.keys(w, r, &ev, path[len(KeysPath):])
 	default:
-		h.fail(w, &ev, http.StatusNotFound, OutcomeNotFound, "not found")
+		h.fail(w, &ev, http.StatusNotFound, OutcomeNotFound, "not found: the key service answers GET "+KeysPath+"{host} and "+HealthPath)
 	}
 
 	if h.c.audit != nil {
@@ -136,14 +148,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (h *Handler) fail(w http.ResponseWriter, ev *AuditEvent, status int, outcome, msg string) {
+// fail answers status with reason as the body and records both. Reasons
+// name what was wrong with the request, never what the store holds
+// beyond what the status already tells.
+func (h *Handler) fail(w http.ResponseWriter, ev *AuditEvent, status int, outcome, reason string) {
 	ev.Status, ev.Outcome = status, outcome
-	http.Error(w, msg, status)
+	if status < 500 {
+		ev.Reason = reason
+	}
+	http.Error(w, reason, status)
 }
 
 func (h *Handler) tooMany(w http.ResponseWriter, ev *AuditEvent, wait time.Duration, status int, outcome string) {
-	w.Header().Set("Retry-After", strconv.Itoa(retryAfter(wait)))
-	h.fail(w, ev, status, outcome, http.StatusText(status))
+	secs := retryAfter(wait)
+	w.Header().Set("Retry-After", strconv.Itoa(secs))
+	reason := "too many requests"
+	if status == http.StatusServiceUnavailable {
+		reason = "store busy"
+	}
+	h.fail(w, ev, status, outcome, fmt.Sprintf("%s: retry after %ds", reason, secs))
 }
 
 // hostFromPath returns the host id from the escaped path segment after
@@ -182,12 +205,12 @@ func bearer(r *http.Request) (string, bool) {
 func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, seg string) {
 	if r.Method != http.MethodGet {
 		w.Header().Set("Allow", http.MethodGet)
-		h.fail(w, ev, http.StatusMethodNotAllowed, OutcomeMethodNotAllowed, "method not allowed")
+		h.fail(w, ev, http.StatusMethodNotAllowed, OutcomeMethodNotAllowed, "method not allowed: key requests are GET")
 		return
 	}
 	id, err := hostFromPath(seg)
 	if err != nil {
-		h.fail(w, ev, http.StatusBadRequest, OutcomeBadHost, "bad host id")
+		h.fail(w, ev, http.StatusBadRequest, OutcomeBadHost, "bad host id: "+err.Error())
 		return
 	}
 	ev.Host = id
@@ -211,7 +234,7 @@ func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, s
 	token, ok := bearer(r)
 	if !ok {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="unlockrd"`)
-		h.fail(w, ev, http.StatusUnauthorized, OutcomeNoToken, "unauthorized")
+		h.fail(w, ev, http.StatusUnauthorized, OutcomeNoToken, "unauthorized: no bearer token (Authorization: Bearer TOKEN)")
 		return
 	}
 
@@ -235,7 +258,7 @@ func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, s
 
 	if !TokenMatches(rec.TokenHash, token) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="unlockrd", error="invalid_token"`)
-		h.fail(w, ev, http.StatusUnauthorized, OutcomeBadToken, "unauthorized")
+		h.fail(w, ev, http.StatusUnauthorized, OutcomeBadToken, "unauthorized: token does not match")
 		return
 	}
 	if rec.State != store.Active {
@@ -267,6 +290,53 @@ func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, s
 	ev.Status, ev.Outcome, ev.KeyIDs = http.StatusOK, OutcomeOK, ids
 }
 
+// connKey finds a connection's connInfo in a request context.
+type connKey struct{}
+
+// connInfo follows one connection, to notice requests net/http rejects
+// itself (malformed request line or headers, headers over MaxHeaderBytes,
+// a request cut short or too slow) before any handler runs: they would
+// otherwise leave no audit line.
+type connInfo struct {
+	pending atomic.Bool // bytes of a request were read, no handler ran yet
+}
+
+// ConnContext is the http.Server hook of the same name; NewHTTPServer
+// installs it with ConnState.
+func (h *Handler) ConnContext(ctx context.Context, c net.Conn) context.Context {
+	ci := &connInfo{}
+	h.conns.Store(c, ci)
+	return context.WithValue(ctx, connKey{}, ci)
+}
+
+// ConnState is the http.Server hook of the same name: a connection that
+// closes while a request on it never reached ServeHTTP yields one audit
+// event (outcome bad_request, status 0: net/http answered 400 or 431 on
+// its own, or the client stopped mid-request).
+func (h *Handler) ConnState(c net.Conn, st http.ConnState) {
+	switch st {
+	case http.StateActive:
+		if v, ok := h.conns.Load(c); ok {
+			v.(*connInfo).pending.Store(true)
+		}
+	case http.StateIdle:
+		if v, ok := h.conns.Load(c); ok {
+			v.(*connInfo).pending.Store(false)
+		}
+	case http.StateClosed, http.StateHijacked:
+		v, ok := h.conns.LoadAndDelete(c)
+		if !ok || !v.(*connInfo).pending.Load() || h.c.audit == nil {
+			return
+		}
+		h.c.audit(AuditEvent{
+			Time:    h.c.now().UTC(),
+			Remote:  c.RemoteAddr().String(),
+			Outcome: OutcomeBadRequest,
+			Reason:  "request rejected by the HTTP layer: malformed, headers over the size limit, or incomplete",
+		})
+	}
+}
+
 // healthTTL caches the health check: probes are free for the caller, so
 // they must not turn into one store open each.
 const healthTTL = time.Second
@@ -274,7 +344,7 @@ const healthTTL = time.Second
 func (h *Handler) health(w http.ResponseWriter, r *http.Request, ev *AuditEvent) {
 	if r.Method != http.MethodGet && r.Method != http.MethodHead {
 		w.Header().Set("Allow", "GET, HEAD")
-		h.fail(w, ev, http.StatusMethodNotAllowed, OutcomeMethodNotAllowed, "method not allowed")
+		h.fail(w, ev, http.StatusMethodNotAllowed, OutcomeMethodNotAllowed, "method not allowed: use GET or HEAD")
 		return
 	}
 	err := h.checkHealth(r.Context())

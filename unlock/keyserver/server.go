@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"time"
+
+	"golang.org/x/net/netutil"
 )
 
 // Limits of the HTTP server. Key requests are one small GET; anything
@@ -20,6 +22,21 @@ const (
 	MaxHeaderBytes    = 8 << 10
 )
 
+// DefaultMaxConns bounds the connections served at once. Beyond it new
+// connections wait in the kernel's listen queue, costing the server
+// nothing, so its memory stays bounded however many hosts boot at once:
+// about 50 KiB per TLS connection, so some 60 MiB at this default.
+const DefaultMaxConns = 1024
+
+// LimitListener returns ln accepting at most n connections at once (n <= 0:
+// no limit).
+func LimitListener(ln net.Listener, n int) net.Listener {
+	if n <= 0 {
+		return ln
+	}
+	return netutil.LimitListener(ln, n)
+}
+
 // NewHTTPServer wraps h in an http.Server with the timeouts and header
 // limit above and TLS 1.2+ with cert. errLog receives connection-level
 // errors (handshake failures); nil means log.Default().
@@ -27,7 +44,7 @@ func NewHTTPServer(h http.Handler, cert tls.Certificate, errLog *log.Logger) *ht
 	if errLog == nil {
 		errLog = log.Default()
 	}
-	return &http.Server{
+	srv := &http.Server{
 		Handler:           http.MaxBytesHandler(h, 0), // no request has a body
 		ReadHeaderTimeout: ReadHeaderTimeout,
 		ReadTimeout:       ReadTimeout,
@@ -40,6 +57,17 @@ func NewHTTPServer(h http.Handler, cert tls.Certificate, errLog *log.Logger) *ht
 			Certificates: []tls.Certificate{cert},
 		},
 	}
+	if cw, ok := h.(connWatcher); ok {
+		srv.ConnContext, srv.ConnState = cw.ConnContext, cw.ConnState
+	}
+	return srv
+}
+
+// connWatcher is a handler that wants to see connections come and go
+// (Handler does, to audit requests net/http rejects on its own).
+type connWatcher interface {
+	ConnContext(ctx context.Context, c net.Conn) context.Context
+	ConnState(c net.Conn, st http.ConnState)
 }
 
 // Serve runs srv over TLS on ln until ctx is done, then shuts down,

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/unlockrd/unlockrd/unlock/volumes"
 	"golang.org/x/sys/unix"
 )
 
@@ -22,8 +23,18 @@ type Mount struct {
 }
 
 // Flags splits mount options into MS_* flags and the data string the file
-// system parses, the way mount(8) does.
+// system parses, the way mount(8) does. Options only mount(8) or fstab
+// readers understand (noauto, nofail, x-*, ...) are dropped; see
+// ParseOptions for the ones that are refused.
 func Flags(opts []string) (uintptr, string) {
+	f, d, _ := ParseOptions(opts)
+	return f, d
+}
+
+// ParseOptions is Flags with an error for options that would change what
+// mount does rather than how (bind, move, remount, propagation): they have
+// no place in a configured mount.
+func ParseOptions(opts []string) (uintptr, string, error) {
 	var flags uintptr
 	var data []string
 	for _, o := range opts {
@@ -35,12 +46,28 @@ func Flags(opts []string) (uintptr, string) {
 			}
 			continue
 		}
-		if o == "defaults" || o == "" {
+		switch {
+		case refusedOpts[o]:
+			return 0, "", fmt.Errorf("mount option %q is not allowed here", o)
+		case userspaceOpts[o], o == "", strings.HasPrefix(o, "x-"), strings.HasPrefix(o, "comment="):
 			continue
 		}
 		data = append(data, o)
 	}
-	return flags, strings.Join(data, ",")
+	return flags, strings.Join(data, ","), nil
+}
+
+// userspaceOpts mean something to mount(8) or fstab readers only; the
+// kernel would reject them as file-system data.
+var userspaceOpts = map[string]bool{
+	"defaults": true, "auto": true, "noauto": true, "nofail": true, "_netdev": true,
+	"user": true, "nouser": true, "users": true, "owner": true, "group": true,
+}
+
+var refusedOpts = map[string]bool{
+	"bind": true, "rbind": true, "move": true, "remount": true,
+	"shared": true, "rshared": true, "slave": true, "rslave": true,
+	"private": true, "rprivate": true, "unbindable": true, "runbindable": true,
 }
 
 type flagOpt struct {
@@ -57,11 +84,19 @@ var flagOpts = map[string]flagOpt{
 	"nodiratime": {unix.MS_NODIRATIME, false}, "relatime": {unix.MS_RELATIME, false},
 	"strictatime": {unix.MS_STRICTATIME, false}, "sync": {unix.MS_SYNCHRONOUS, false},
 	"dirsync": {unix.MS_DIRSYNC, false}, "lazytime": {unix.MS_LAZYTIME, false},
+	"nolazytime": {unix.MS_LAZYTIME, true}, "async": {unix.MS_SYNCHRONOUS, true},
+	"norelatime": {unix.MS_RELATIME, true}, "nostrictatime": {unix.MS_STRICTATIME, true},
+	"diratime": {unix.MS_NODIRATIME, true}, "silent": {unix.MS_SILENT, false}, "loud": {unix.MS_SILENT, true},
+	"iversion": {unix.MS_I_VERSION, false}, "noiversion": {unix.MS_I_VERSION, true},
+	"nosymfollow": {unix.MS_NOSYMFOLLOW, false}, "symfollow": {unix.MS_NOSYMFOLLOW, true},
 }
 
-// MountAll mounts root at newRoot and every data mount inside it. A data
-// mount point must already exist in the new root: creating it would hide a
-// misconfiguration behind an empty directory the database then fills.
+// MountAll mounts root at newRoot and every data mount inside it. A
+// mount without an fstype gets the one found on the device. A data mount
+// point must already exist in the new root, as a real directory: creating
+// it would hide a misconfiguration behind an empty directory the database
+// then fills, and a symbolic link could point the mount anywhere, the
+// initramfs included.
 func MountAll(ctx context.Context, newRoot string, root Mount, data []Mount) error {
 	if err := os.MkdirAll(newRoot, 0o755); err != nil {
 		return err
@@ -73,27 +108,71 @@ func MountAll(ctx context.Context, newRoot string, root Mount, data []Mount) err
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		target := filepath.Join(newRoot, m.Target)
-		st, err := os.Stat(target)
-		if err != nil || !st.IsDir() {
-			return fmt.Errorf("data %s: mount point %s does not exist in the new root", m.Source, m.Target)
+		if err := checkMountPoint(newRoot, m.Target); err != nil {
+			return fmt.Errorf("data %s: %w", m.Source, err)
 		}
-		if err := mount(m.Source, target, m.FSType, m.Options); err != nil {
+		if err := mount(m.Source, filepath.Join(newRoot, m.Target), m.FSType, m.Options); err != nil {
 			return fmt.Errorf("data %s on %s: %w", m.Source, m.Target, err)
 		}
 	}
 	return nil
 }
 
+// ErrMountPoint is wrapped when a data mount point is missing or unsafe.
+var ErrMountPoint = errors.New("bad mount point")
+
+// checkMountPoint insists that target is a directory inside root reached
+// without following any symbolic link.
+func checkMountPoint(root, target string) error {
+	rfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open new root %s: %w", root, err)
+	}
+	defer unix.Close(rfd)
+	rel := strings.TrimLeft(filepath.Clean("/"+target), "/")
+	fd, err := unix.Openat2(rfd, rel, &unix.OpenHow{
+		Flags:   unix.O_PATH | unix.O_DIRECTORY | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	switch {
+	case err == nil:
+		unix.Close(fd)
+		return nil
+	case errors.Is(err, unix.ENOENT):
+		return fmt.Errorf("%w: %s does not exist in the new root; create it there (mount points are never created)", ErrMountPoint, target)
+	case errors.Is(err, unix.ELOOP):
+		return fmt.Errorf("%w: %s goes through a symbolic link in the new root; mount points must be real directories", ErrMountPoint, target)
+	case errors.Is(err, unix.ENOTDIR):
+		return fmt.Errorf("%w: %s is not a directory in the new root", ErrMountPoint, target)
+	}
+	return fmt.Errorf("%w: %s: %v", ErrMountPoint, target, err)
+}
+
 func mount(src, target, fstype string, opts []string) error {
 	if fstype == "" {
-		fstype = "ext4"
+		c, _, _ := volumes.Probe(src)
+		if !mountable[c] {
+			if c == "" {
+				c = "nothing recognisable"
+			}
+			return fmt.Errorf("no fstype configured and %s holds %s", src, c)
+		}
+		fstype = c
 	}
-	flags, data := Flags(opts)
+	flags, data, err := ParseOptions(opts)
+	if err != nil {
+		return err
+	}
 	if err := unix.Mount(src, target, fstype, flags, data); err != nil {
 		return fmt.Errorf("mount -t %s -o %s: %w", fstype, strings.Join(opts, ","), err)
 	}
 	return nil
+}
+
+// mountable are the detected contents that name a file system type.
+var mountable = map[string]bool{
+	"ext2": true, "ext3": true, "ext4": true, "xfs": true, "btrfs": true,
+	"vfat": true, "f2fs": true, "squashfs": true, "iso9660": true,
 }
 
 // SwitchRoot moves /dev, /proc, /sys and /run into newRoot, deletes the
@@ -123,11 +202,10 @@ func SwitchRoot(newRoot, init string, env []string) error {
 		return err
 	}
 	if rootDev == newDev {
-		return fmt.Errorf("switch root: %s is not a mounted file system", newRoot)
+		return fmt.Errorf("switch root: %s is on the initramfs, not a mounted file system", newRoot)
 	}
-	initPath := filepath.Join(newRoot, init)
-	if st, err := os.Stat(initPath); err != nil || st.Mode()&0o111 == 0 {
-		return fmt.Errorf("switch root: %s is not an executable in the new root", init)
+	if err := checkInit(newRoot, init); err != nil {
+		return err
 	}
 	for _, m := range []string{"/dev", "/proc", "/sys", "/run"} {
 		if d, err := devOf(m); err != nil || d == rootDev {
@@ -157,10 +235,50 @@ func SwitchRoot(newRoot, init string, env []string) error {
 	if err := unix.Chdir("/"); err != nil {
 		return fmt.Errorf("switch root: chdir /: %w", err)
 	}
+	if env == nil {
+		env = Env()
+	}
 	if err := unix.Exec(init, []string{init}, env); err != nil {
 		return fmt.Errorf("switch root: exec %s: %w", init, err)
 	}
 	return nil
+}
+
+// checkInit insists that init, resolved inside newRoot the way it will be
+// after the chroot (absolute symbolic links such as /sbin/init ->
+// /lib/systemd/systemd included), is an executable regular file.
+func checkInit(newRoot, init string) error {
+	if !filepath.IsAbs(init) {
+		return fmt.Errorf("switch root: init %q is not an absolute path", init)
+	}
+	rfd, err := unix.Open(newRoot, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("switch root: open %s: %w", newRoot, err)
+	}
+	defer unix.Close(rfd)
+	fd, err := unix.Openat2(rfd, init, &unix.OpenHow{
+		Flags:   unix.O_PATH | unix.O_CLOEXEC,
+		Resolve: unix.RESOLVE_IN_ROOT | unix.RESOLVE_NO_MAGICLINKS,
+	})
+	if err != nil {
+		return fmt.Errorf("switch root: %s does not exist in the new root: %w", init, err)
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("switch root: stat %s: %w", init, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o111 == 0 {
+		return fmt.Errorf("switch root: %s is not an executable file in the new root (mode %#o)", init, st.Mode)
+	}
+	return nil
+}
+
+// Env is the environment the real init gets: nothing of the initramfs's
+// own (which the kernel filled from unknown command-line words), just what
+// an init expects.
+func Env() []string {
+	return []string{"HOME=/", "TERM=linux", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
 }
 
 func devOf(p string) (uint64, error) {

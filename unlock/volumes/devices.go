@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -29,6 +30,7 @@ type BlockDev struct {
 	Content string
 	UUID    string // LUKS or file-system UUID
 	Label   string // LUKS or file-system label
+	Size    int64  // bytes
 }
 
 func (b BlockDev) String() string {
@@ -44,6 +46,9 @@ func (b BlockDev) String() string {
 		c = "no known signature"
 	}
 	parts = append(parts, c)
+	if b.Size > 0 {
+		parts = append(parts, fmt.Sprintf("%d MiB", b.Size>>20))
+	}
 	if b.UUID != "" {
 		parts = append(parts, "UUID="+b.UUID)
 	}
@@ -105,6 +110,11 @@ func (s Scanner) Scan() ([]BlockDev, error) {
 					}
 				}
 			}
+		}
+		if sz, err := os.ReadFile(filepath.Join(sys, name, "size")); err == nil {
+			var sectors int64
+			fmt.Sscan(strings.TrimSpace(string(sz)), &sectors)
+			d.Size = sectors * 512
 		}
 		d.Content, d.UUID, d.Label = probe(d.Path)
 		out = append(out, d)
@@ -214,18 +224,53 @@ func readGPT(path string) (map[int]gptEntry, error) {
 	return out, nil
 }
 
-// probe recognises what a device holds from its first 64 KiB.
+// probe recognises what a device holds: LUKS (either header copy), file
+// systems, swap, RAID and volume-manager members, partition tables. It is
+// what keeps `swap: random` off a partition holding anything, so it errs
+// towards recognising: the secondary LUKS2 header and RAID superblocks at
+// the end of the device count too.
 func probe(path string) (content, uuid, label string) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "unreadable: " + err.Error(), "", ""
 	}
 	defer f.Close()
-	b := make([]byte, 64<<10)
-	n, _ := f.ReadAt(b, 0)
+	b := make([]byte, 0x11000)
+	n, err := f.ReadAt(b, 0)
+	if n == 0 && err != nil {
+		return "unreadable: " + err.Error(), "", ""
+	}
 	b = b[:n]
+	size, _ := f.Seek(0, io.SeekEnd)
+	var tail []byte
+	if size >= 128<<10 {
+		tail = make([]byte, 128<<10)
+		if _, err := f.ReadAt(tail, size-int64(len(tail))); err != nil {
+			tail = nil
+		}
+	}
+	return probeBytes(b, tail, size)
+}
+
+// Probe reports what the device at path holds ("" when nothing known),
+// with its UUID and label; the mount stage uses it for fstype detection.
+func Probe(path string) (content, uuid, label string) { return probe(path) }
+
+func at(b []byte, off int, sig string) bool {
+	return off >= 0 && off+len(sig) <= len(b) && string(b[off:off+len(sig)]) == sig
+}
+
+// probeBytes recognises head (the first 68 KiB) and tail (the last 128
+// KiB of a device of size bytes).
+func probeBytes(b, tail []byte, size int64) (content, uuid, label string) {
+	le32 := func(off int) uint32 {
+		if off < 0 || off+4 > len(b) {
+			return 0
+		}
+		return binary.LittleEndian.Uint32(b[off:])
+	}
 	switch {
-	case len(b) >= 512 && bytes.Equal(b[:6], luksMagic):
+	case len(b) >= 512 && at(b, 0, string(luksMagic)):
 		v := binary.BigEndian.Uint16(b[6:8])
 		if v == 2 {
 			return "LUKS2", cstr(b[0xa8 : 0xa8+40]), cstr(b[0x18 : 0x18+48])
@@ -240,11 +285,86 @@ func probe(path string) (content, uuid, label string) {
 			fs = "ext3"
 		}
 		return fs, rawUUID(sb[0x68:0x78]), cstr(sb[0x78:0x88])
-	case len(b) >= 4096 && (string(b[4086:4096]) == "SWAPSPACE2" || string(b[4086:4096]) == "SWAP-SPACE"):
-		return "swap", rawUUID(b[1024+12 : 1024+28]), cstr(b[1024+28 : 1024+44])
+	case at(b, 0, "XFSB") && len(b) >= 120:
+		return "xfs", rawUUID(b[32:48]), cstr(b[108:120])
+	case at(b, 0x10040, "_BHRfS_M") && len(b) >= 0x10000+0x12b+256:
+		return "btrfs", rawUUID(b[0x10020:0x10030]), cstr(b[0x10000+0x12b : 0x10000+0x12b+256])
+	case at(b, 0, "hsqs"):
+		return "squashfs", "", ""
+	case le32(1024) == 0xF2F52010:
+		return "f2fs", "", ""
+	case at(b, 3, "NTFS    "):
+		return "ntfs", "", ""
+	case at(b, 3, "-FVE-FS-"):
+		return "BitLocker", "", ""
+	case at(b, 0x8001, "CD001"):
+		return "iso9660", "", ""
+	case at(b, 0x52, "FAT32") && at(b, 0x1fe, "\x55\xaa"):
+		return "vfat", fmt.Sprintf("%04X-%04X", binary.LittleEndian.Uint16(b[0x45:]), binary.LittleEndian.Uint16(b[0x43:])), strings.TrimSpace(cstr(b[0x47:0x52]))
+	case at(b, 0x36, "FAT") && at(b, 0x1fe, "\x55\xaa"):
+		return "vfat", fmt.Sprintf("%04X-%04X", binary.LittleEndian.Uint16(b[0x29:]), binary.LittleEndian.Uint16(b[0x27:])), strings.TrimSpace(cstr(b[0x2b:0x36]))
+	case le32(0) == mdMagic || le32(4096) == mdMagic:
+		return "linux_raid_member", "", ""
+	case at(b, 4096+24, bcacheMagic):
+		return "bcache", "", ""
+	case at(b, 512, "EFI PART"):
+		return "gpt", "", ""
+	}
+	for _, off := range []int{0, 512, 1024, 1536} {
+		if at(b, off, "LABELONE") && at(b, off+24, "LVM2 001") {
+			return "LVM2_member", "", ""
+		}
+	}
+	for _, ps := range []int{4096, 8192, 16384, 65536} {
+		if at(b, ps-10, "SWAPSPACE2") || at(b, ps-10, "SWAP-SPACE") {
+			if len(b) >= 1024+44 {
+				return "swap", rawUUID(b[1024+12 : 1024+28]), cstr(b[1024+28 : 1024+44])
+			}
+			return "swap", "", ""
+		}
+	}
+	// A LUKS2 volume whose primary header was wiped still has its
+	// secondary copy, and with it the keyslots: it is not empty space.
+	for _, off := range validHeaderSizes {
+		if int(off)+6 <= len(b) && at(b, int(off), string(luksMagic2)) {
+			return "LUKS2 (secondary header only)", cstr(b[int(off)+0xa8 : int(off)+0xa8+40]), ""
+		}
+	}
+	// RAID superblocks at the end: 1.0 at 8 KiB from the end (4 KiB
+	// aligned), 0.90 in the last 64 KiB-aligned 64 KiB block.
+	if len(tail) == 128<<10 && size >= 128<<10 {
+		base := size - int64(len(tail))
+		for _, off := range []int64{(size - 8192) &^ 4095, (size &^ (64<<10 - 1)) - 64<<10} {
+			i := off - base
+			if i >= 0 && i+4 <= int64(len(tail)) && binary.LittleEndian.Uint32(tail[i:]) == mdMagic {
+				return "linux_raid_member", "", ""
+			}
+		}
+	}
+	if at(b, 0x1fe, "\x55\xaa") && mbrPlausible(b) {
+		return "dos", "", ""
 	}
 	return "", "", ""
 }
+
+// mbrPlausible asks more of an MBR than its 16-bit signature, which
+// random bytes (such as last boot's random-key swap) carry once in 65536.
+func mbrPlausible(b []byte) bool {
+	used := false
+	for i := 0; i < 4; i++ {
+		e := b[0x1be+16*i:]
+		if e[0] != 0 && e[0] != 0x80 {
+			return false
+		}
+		used = used || e[4] != 0
+	}
+	return used
+}
+
+const (
+	mdMagic     = 0xa92b4efc
+	bcacheMagic = "\xc6\x85\x73\xf6\x4e\x1a\x45\xca\x82\x65\xf5\x7f\x48\xba\x6d\x81"
+)
 
 var luksMagic = []byte("LUKS\xba\xbe")
 

@@ -3,8 +3,10 @@ package volumes
 import (
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -93,4 +95,65 @@ func swapon(path string) error {
 		return errno
 	}
 	return nil
+}
+
+// ErrNotBlank is wrapped when `swap: random` is configured on a device
+// that is named loosely or holds something.
+var ErrNotBlank = errors.New("refusing random-key swap")
+
+// CheckRandomSwap decides whether ref/dev may be mapped with a throwaway
+// key (and so overwritten). Only a partition named exactly (PARTUUID= or
+// PARTLABEL=, which a file system inside cannot fake) that carries no
+// known signature qualifies: a wrong reference must not destroy data.
+func CheckRandomSwap(ref string, dev BlockDev) error {
+	k, _, _ := strings.Cut(ref, "=")
+	if k != "PARTUUID" && k != "PARTLABEL" {
+		return fmt.Errorf("%w: %s is not a PARTUUID= or PARTLABEL= reference", ErrNotBlank, ref)
+	}
+	if dev.PartN == 0 {
+		return fmt.Errorf("%w: %s is not a partition", ErrNotBlank, dev.Path)
+	}
+	if dev.Content != "" {
+		return fmt.Errorf("%w: %s holds %s", ErrNotBlank, dev.Path, dev.Content)
+	}
+	return nil
+}
+
+// randomSwap maps a blank partition with plain dm-crypt and a key that
+// exists only in this boot's memory: swap contents die with the boot.
+func randomSwap(p Prepared, opt Options) (Opened, error) {
+	name := p.Spec.Name
+	// Look again right before writing: Prepare ran a while ago.
+	if c, _, _ := probe(p.Dev.Path); c != "" {
+		return Opened{}, fmt.Errorf("volume %s on %s: %w: it now holds %s; not touching it", name, p.Dev.Path, ErrNotBlank, c)
+	}
+	f, err := os.Open(p.Dev.Path)
+	if err != nil {
+		return Opened{}, fmt.Errorf("volume %s: %w", name, err)
+	}
+	size, err := blockSize(f)
+	f.Close()
+	if err != nil {
+		return Opened{}, fmt.Errorf("volume %s on %s: size: %w", name, p.Dev.Path, err)
+	}
+	ss := int64(4096)
+	if size%4096 != 0 {
+		ss = 512
+	}
+	key := make([]byte, 64)
+	defer clear(key)
+	if _, err := rand.Read(key); err != nil {
+		return Opened{}, fmt.Errorf("volume %s: random key: %w", name, err)
+	}
+	t := CryptTable{
+		Name:       name,
+		UUID:       "CRYPT-PLAIN-" + name,
+		Cipher:     "aes-xts-plain64",
+		Key:        key,
+		Device:     p.Dev.Path,
+		Length:     int64(size) / ss * ss,
+		SectorSize: int(ss),
+		Flags:      p.Spec.flags(opt.KernelRelease),
+	}
+	return activate(t, p, opt, -1, -1)
 }

@@ -3,7 +3,8 @@
 // with the first key that opens them, and brings swap up.
 //
 // Nothing here writes to a device it could not unlock: the only write is
-// a swap signature inside an unlocked swap mapping.
+// a swap signature inside an unlocked swap mapping, or inside a fresh
+// random-key mapping of a partition that carries no known signature.
 package volumes
 
 import (
@@ -15,7 +16,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/anatol/luks.go"
 	"golang.org/x/sys/unix"
 )
 
@@ -29,6 +29,9 @@ type Spec struct {
 	Name   string // mapper name
 	Device string // device reference (UUID=, PARTLABEL=, ... or /dev/...)
 	Swap   bool
+	// RandomSwap maps the partition with plain dm-crypt and a fresh random
+	// key every boot (`swap: random`): nothing on it survives a reboot.
+	RandomSwap bool
 	// AllowDiscards passes discards through; off unless configured.
 	AllowDiscards bool
 	// NoWorkqueue sets no-read-workqueue and no-write-workqueue (kernels
@@ -40,15 +43,17 @@ type Spec struct {
 type Prepared struct {
 	Spec   Spec
 	Dev    BlockDev
-	Header *Header
+	Header *Header // nil for a random-key swap
 }
 
 // Opened is an unlocked volume.
 type Opened struct {
 	Spec Spec
 	Path string // /dev/mapper/<name>
-	Slot int    // keyslot that opened it
-	Key  int    // index of the key that opened it
+	Slot int    // keyslot that opened it (-1 for a random-key swap)
+	Key  int    // index of the key that opened it (-1 for a random-key swap)
+	// Table is the dm table loaded, key hidden.
+	Table string
 }
 
 // Options tune Prepare and Unlock.
@@ -64,45 +69,74 @@ type Options struct {
 }
 
 // Prepare waits for every device and validates its header. It needs no key,
-// so it can run while the network comes up.
+// so it can run while the network comes up. Every volume is checked even
+// after one fails, so one boot reports every problem; the error joins them.
 func Prepare(ctx context.Context, specs []Spec, opt Options, log Logger) ([]Prepared, error) {
 	out := make([]Prepared, 0, len(specs))
+	var errs []error
+	seen := map[string]string{}
 	for _, s := range specs {
-		dev, err := opt.Scanner.Wait(ctx, s.Device)
+		p, err := prepareOne(ctx, s, opt, log)
+		if err == nil {
+			if other, dup := seen[p.Dev.Path]; dup {
+				err = fmt.Errorf("volume %s: %s is also volume %s", s.Name, p.Dev.Path, other)
+			}
+		}
 		if err != nil {
-			return nil, fmt.Errorf("volume %s: %w", s.Name, err)
+			errs = append(errs, err)
+			continue
 		}
-		f, err := os.Open(dev.Path)
-		if err != nil {
-			return nil, fmt.Errorf("volume %s: %w", s.Name, err)
-		}
-		h, err := ReadHeader(f)
-		f.Close()
-		if err != nil {
-			return nil, fmt.Errorf("volume %s on %s: %w", s.Name, dev.Path, err)
-		}
-		pol := opt.Policy
-		if len(pol.Ciphers) == 0 {
-			pol = DefaultPolicy()
-		}
-		if k, v, _ := strings.Cut(s.Device, "="); k == "UUID" {
-			pol.UUID = v
-		}
-		if err := pol.Validate(h); err != nil {
-			return nil, fmt.Errorf("volume %s on %s: %w", s.Name, dev.Path, err)
-		}
-		if h.Secondary {
-			log.Printf("volume %s on %s: primary LUKS header damaged, using the intact secondary copy", s.Name, dev.Path)
-		}
-		out = append(out, Prepared{Spec: s, Dev: dev, Header: h})
+		seen[p.Dev.Path] = s.Name
+		out = append(out, p)
+	}
+	if len(errs) > 0 {
+		return out, errors.Join(errs...)
 	}
 	return out, nil
+}
+
+func prepareOne(ctx context.Context, s Spec, opt Options, log Logger) (Prepared, error) {
+	dev, err := opt.Scanner.Wait(ctx, s.Device)
+	if err != nil {
+		return Prepared{}, fmt.Errorf("volume %s: %w", s.Name, err)
+	}
+	if s.RandomSwap {
+		if err := CheckRandomSwap(s.Device, dev); err != nil {
+			return Prepared{}, fmt.Errorf("volume %s on %s: %w; not touching it", s.Name, dev.Path, err)
+		}
+		return Prepared{Spec: s, Dev: dev}, nil
+	}
+	f, err := os.Open(dev.Path)
+	if err != nil {
+		return Prepared{}, fmt.Errorf("volume %s: %w", s.Name, err)
+	}
+	h, err := ReadHeader(f)
+	f.Close()
+	if err != nil {
+		return Prepared{}, fmt.Errorf("volume %s on %s: %w; no key will be tried on it", s.Name, dev.Path, err)
+	}
+	pol := opt.Policy
+	if len(pol.Ciphers) == 0 {
+		pol = DefaultPolicy()
+	}
+	if k, v, _ := strings.Cut(s.Device, "="); k == "UUID" {
+		pol.UUID = v
+	}
+	if err := pol.Validate(h); err != nil {
+		return Prepared{}, fmt.Errorf("volume %s on %s: %w; no key will be tried on it", s.Name, dev.Path, err)
+	}
+	if h.Secondary {
+		log.Printf("volume %s on %s: primary LUKS header damaged (%v), using the intact secondary copy", s.Name, dev.Path, h.PrimaryErr)
+	}
+	return Prepared{Spec: s, Dev: dev, Header: h}, nil
 }
 
 // ErrNoKey is wrapped when no key opens a volume.
 var ErrNoKey = errors.New("no key opens the volume")
 
-// Unlock opens every prepared volume with the first key that fits.
+// Unlock opens every prepared volume with the first key that fits, in
+// order, and stops at the first that fails: the opened ones are returned
+// so a retry can skip them.
 func Unlock(ctx context.Context, vols []Prepared, keys [][]byte, opt Options, log Logger) ([]Opened, error) {
 	var out []Opened
 	for _, p := range vols {
@@ -110,89 +144,111 @@ func Unlock(ctx context.Context, vols []Prepared, keys [][]byte, opt Options, lo
 		if err != nil {
 			return out, err
 		}
-		log.Printf("volume %s: %s opened with key %d, keyslot %d -> %s", p.Spec.Name, p.Dev.Path, o.Key+1, o.Slot, o.Path)
+		if o.Key < 0 {
+			log.Printf("volume %s: %s mapped with a fresh random key -> %s (%s)", p.Spec.Name, p.Dev.Path, o.Path, o.Table)
+		} else {
+			log.Printf("volume %s: %s opened with key %d of %d, keyslot %d -> %s (%s)", p.Spec.Name, p.Dev.Path, o.Key+1, len(keys), o.Slot, o.Path, o.Table)
+		}
 		out = append(out, o)
 	}
 	return out, nil
 }
 
+// flags returns the dm-crypt options for s.
+func (s Spec) flags(release string) []string {
+	var f []string
+	if s.AllowDiscards {
+		f = append(f, "allow_discards")
+	}
+	if s.NoWorkqueue && kernelAtLeast(release, 5, 9) {
+		f = append(f, "no_read_workqueue", "no_write_workqueue")
+	}
+	return f
+}
+
 func unlockOne(ctx context.Context, p Prepared, keys [][]byte, opt Options) (Opened, error) {
+	if p.Spec.RandomSwap {
+		return randomSwap(p, opt)
+	}
 	name := p.Spec.Name
-	dev, err := luks.Open(p.Dev.Path)
-	if err != nil {
-		return Opened{}, fmt.Errorf("volume %s on %s: %w", name, p.Dev.Path, err)
-	}
-	defer dev.Close()
-	if dev.UUID() != p.Header.UUID {
-		// luks.go parsed a different header than the one we validated.
-		return Opened{}, fmt.Errorf("volume %s on %s: %w: header changed after validation", name, p.Dev.Path, ErrRefused)
-	}
-	dev.FlagsClear()
-	var flags []string
-	if p.Spec.NoWorkqueue && kernelAtLeast(opt.KernelRelease, 5, 9) {
-		flags = append(flags, luks.FlagNoReadWorkqueue, luks.FlagNoWriteWorkqueue)
-	}
-	if p.Spec.AllowDiscards {
-		flags = append(flags, luks.FlagAllowDiscards)
-	}
-	if err := dev.FlagsAdd(flags...); err != nil {
-		return Opened{}, fmt.Errorf("volume %s: flags: %w", name, err)
-	}
-	v, slot, ki, err := findKey(ctx, dev, p.Header, keys)
-	if err != nil {
-		return Opened{}, fmt.Errorf("volume %s on %s: %w", name, p.Dev.Path, err)
-	}
-	err = checkVolume(v, p.Header)
-	if err == nil {
-		err = v.SetupMapper(name)
-	}
-	wipeVolumeKey(v)
-	if err != nil {
-		return Opened{}, fmt.Errorf("volume %s: device-mapper: %w", name, err)
-	}
-	path, err := mapperNode(opt.MapperDir, name)
+	f, err := os.Open(p.Dev.Path)
 	if err != nil {
 		return Opened{}, fmt.Errorf("volume %s: %w", name, err)
 	}
-	return Opened{Spec: p.Spec, Path: path, Slot: slot, Key: ki}, nil
+	defer f.Close()
+	key, slot, ki, err := findKey(ctx, f, p.Header, keys)
+	if err != nil {
+		return Opened{}, fmt.Errorf("volume %s on %s: %w", name, p.Dev.Path, err)
+	}
+	defer clear(key)
+	size, err := blockSize(f)
+	if err != nil {
+		return Opened{}, fmt.Errorf("volume %s on %s: size: %w", name, p.Dev.Path, err)
+	}
+	seg := p.Header.Segments[0]
+	length, err := seg.SizeBytes(int64(size))
+	if err != nil {
+		return Opened{}, fmt.Errorf("volume %s on %s: %w: %v", name, p.Dev.Path, ErrRefused, err)
+	}
+	t := CryptTable{
+		Name:       name,
+		UUID:       fmt.Sprintf("CRYPT-LUKS2-%s-%s", strings.ReplaceAll(p.Header.UUID, "-", ""), name),
+		Cipher:     seg.Encryption,
+		Key:        key,
+		IVOffset:   seg.IVTweak,
+		Device:     p.Dev.Path,
+		Offset:     seg.Offset,
+		Length:     length,
+		SectorSize: seg.SectorSize,
+		Flags:      p.Spec.flags(opt.KernelRelease),
+	}
+	return activate(t, p, opt, slot, ki)
+}
+
+func activate(t CryptTable, p Prepared, opt Options, slot, ki int) (Opened, error) {
+	if err := createCrypt(t); err != nil {
+		return Opened{}, fmt.Errorf("volume %s: device-mapper: %w", t.Name, err)
+	}
+	path, err := mapperNode(opt.MapperDir, t.Name)
+	if err != nil {
+		_ = removeMapping(t.Name)
+		return Opened{}, fmt.Errorf("volume %s: %w", t.Name, err)
+	}
+	devNum, _ := devNumber(t.Device)
+	return Opened{Spec: p.Spec, Path: path, Slot: slot, Key: ki, Table: t.describe(devNum)}, nil
 }
 
 // findKey tries every key on every usable keyslot, keys in server order
-// (current first) and slots by priority. It only reads the device.
-func findKey(ctx context.Context, dev luks.Device, h *Header, keys [][]byte) (*luks.Volume, int, int, error) {
+// (current first) and slots by priority. It only reads the device. The
+// returned volume key belongs to the caller, who must clear it.
+func findKey(ctx context.Context, r interface {
+	ReadAt([]byte, int64) (int, error)
+}, h *Header, keys [][]byte) ([]byte, int, int, error) {
 	slots := h.SlotOrder()
+	var errs []error
 	for ki, key := range keys {
 		for _, slot := range slots {
 			if err := ctx.Err(); err != nil {
 				return nil, 0, 0, err
 			}
-			v, err := dev.UnsealVolume(slot, key)
-			if errors.Is(err, luks.ErrPassphraseDoesNotMatch) {
+			vk, err := Unseal(r, h, slot, key)
+			if errors.Is(err, ErrWrongKey) {
 				continue
 			}
 			if err != nil {
-				return nil, 0, 0, fmt.Errorf("keyslot %d: %w", slot, err)
+				// A keyslot we cannot compute (too little memory for its
+				// argon2, say) must not hide one that works.
+				errs = append(errs, err)
+				continue
 			}
-			return v, slot, ki, nil
+			return vk, slot, ki, nil
 		}
 	}
-	return nil, 0, 0, fmt.Errorf("%w (%d keys tried on %d keyslots); nothing was written to it", ErrNoKey, len(keys), len(slots))
-}
-
-// checkVolume compares what luks.go is about to map with the header we
-// validated, so that a parser difference cannot smuggle in another cipher.
-func checkVolume(v *luks.Volume, h *Header) error {
-	if len(h.Segments) != 1 {
-		return fmt.Errorf("%w: %d segments, want 1", ErrRefused, len(h.Segments))
+	err := fmt.Errorf("%w (%d keys tried on %d keyslots); nothing was written to it", ErrNoKey, len(keys), len(slots))
+	if len(errs) > 0 {
+		err = fmt.Errorf("%w; %w", err, errors.Join(errs...))
 	}
-	s := h.Segments[0]
-	if v.StorageEncryption != s.Encryption || int64(v.StorageOffset) != s.Offset || int(v.StorageSectorSize) != s.SectorSize {
-		return fmt.Errorf("%w: mapping parameters differ from the validated header", ErrRefused)
-	}
-	if n := len(volumeKey(v)); n*8 < 256 {
-		return fmt.Errorf("%w: %d-bit volume key", ErrRefused, n*8)
-	}
-	return nil
+	return nil, 0, 0, err
 }
 
 // mapperNode makes /dev/mapper/<name> for the dm device with that name:

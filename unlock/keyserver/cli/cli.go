@@ -5,6 +5,7 @@ package cli
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/unlockrd/unlockrd/unlock/keyserver"
 	"github.com/unlockrd/unlockrd/unlock/keyserver/store"
+	"github.com/unlockrd/unlockrd/unlock/keyserver/store/etcdstore"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
@@ -28,7 +30,7 @@ const prog = "unlockrd-keyserver"
 
 const usage = `usage:
   unlockrd-keyserver serve --data DIR [--listen ADDR] [--san NAME]... [--cert F --key F]
-                           [--rate N --burst N] [--host-rate N --host-burst N]
+                           [--rate N --burst N] [--host-rate N --host-burst N] [--max-conns N]
   unlockrd-keyserver init --data DIR                 create key material, print the pin
   unlockrd-keyserver pin --data DIR | --cert F       print the server's pin
   unlockrd-keyserver host add --data DIR [--key-file F|-] NAME   print the new token
@@ -41,6 +43,12 @@ const usage = `usage:
 Every command takes --master-key PATH (or $UNLOCKRD_MASTER_KEY_FILE) to use a
 master key kept outside DIR, and --lock-timeout D. Admin commands work while
 serve runs on the same DIR.
+
+Host records live in DIR/hosts.db, or with --store etcd in an etcd cluster
+shared by several serve replicas (DIR then keeps this replica's master key
+and TLS key): --etcd-endpoints URL[,URL...] [--etcd-prefix P]
+[--etcd-cacert F] [--etcd-cert F --etcd-key F] [--etcd-user U, password in
+$UNLOCKRD_ETCD_PASSWORD]. Every command takes these.
 `
 
 // errUsage makes Main exit 2.
@@ -105,15 +113,87 @@ func (m *multi) Set(s string) error { *m = append(*m, s); return nil }
 type common struct {
 	data, masterKey string
 	lockTimeout     time.Duration
+	storeKind       string
+	etcd            etcdFlags
 }
+
+// etcdFlags select and reach an etcd cluster (--store etcd).
+type etcdFlags struct {
+	endpoints, prefix         string
+	caFile, certFile, keyFile string
+	user                      string
+}
+
+// EtcdPasswordEnv holds the etcd password for --etcd-user; a flag would
+// show it in the process list.
+const EtcdPasswordEnv = "UNLOCKRD_ETCD_PASSWORD"
 
 func (e *env) flags(name string, c *common) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.StringVar(&c.data, "data", "", "data folder")
 	fs.StringVar(&c.masterKey, "master-key", e.getenv(keyserver.MasterKeyEnv), "master key file (default DIR/master.key)")
-	fs.DurationVar(&c.lockTimeout, "lock-timeout", 10*time.Second, "how long to wait for the data file's lock")
+	fs.DurationVar(&c.lockTimeout, "lock-timeout", 10*time.Second, "how long to wait for the data file's lock, or for etcd")
+	fs.StringVar(&c.storeKind, "store", "bolt", "where host records live: bolt (DIR/hosts.db) or etcd")
+	fs.StringVar(&c.etcd.endpoints, "etcd-endpoints", "", "etcd client URLs, comma-separated (--store etcd)")
+	fs.StringVar(&c.etcd.prefix, "etcd-prefix", etcdstore.DefaultPrefix, "key prefix of this key service in etcd")
+	fs.StringVar(&c.etcd.caFile, "etcd-cacert", "", "CA certificate (PEM) that signed the etcd members' certificates")
+	fs.StringVar(&c.etcd.certFile, "etcd-cert", "", "client certificate (PEM) for etcd")
+	fs.StringVar(&c.etcd.keyFile, "etcd-key", "", "client key (PEM) for --etcd-cert")
+	fs.StringVar(&c.etcd.user, "etcd-user", "", "etcd user (password from $"+EtcdPasswordEnv+")")
 	return fs
+}
+
+// etcdOptions turns the --etcd-* flags into store options; nil for --store bolt.
+func (e *env) etcdOptions(c *common) (*etcdstore.Options, error) {
+	switch c.storeKind {
+	case "bolt":
+		if c.etcd.endpoints != "" {
+			return nil, fmt.Errorf("%w: --etcd-endpoints needs --store etcd", errUsage)
+		}
+		return nil, nil
+	case "etcd":
+	default:
+		return nil, fmt.Errorf("%w: --store %q: want bolt or etcd", errUsage, c.storeKind)
+	}
+	var eps []string
+	for _, ep := range strings.Split(c.etcd.endpoints, ",") {
+		if ep = strings.TrimSpace(ep); ep != "" {
+			eps = append(eps, ep)
+		}
+	}
+	if len(eps) == 0 {
+		return nil, fmt.Errorf("%w: --store etcd needs --etcd-endpoints URL[,URL...]", errUsage)
+	}
+	o := &etcdstore.Options{Endpoints: eps, Prefix: c.etcd.prefix}
+	if c.etcd.user != "" {
+		o.Username, o.Password = c.etcd.user, e.getenv(EtcdPasswordEnv)
+	}
+	if c.etcd.caFile != "" || c.etcd.certFile != "" {
+		if (c.etcd.certFile == "") != (c.etcd.keyFile == "") {
+			return nil, fmt.Errorf("%w: --etcd-cert and --etcd-key go together", errUsage)
+		}
+		tc := &tls.Config{MinVersion: tls.VersionTLS12}
+		if c.etcd.caFile != "" {
+			pem, err := os.ReadFile(c.etcd.caFile)
+			if err != nil {
+				return nil, fmt.Errorf("etcd CA: %w", err)
+			}
+			tc.RootCAs = x509.NewCertPool()
+			if !tc.RootCAs.AppendCertsFromPEM(pem) {
+				return nil, fmt.Errorf("etcd CA %s: no PEM certificate", c.etcd.caFile)
+			}
+		}
+		if c.etcd.certFile != "" {
+			cert, err := tls.LoadX509KeyPair(c.etcd.certFile, c.etcd.keyFile)
+			if err != nil {
+				return nil, fmt.Errorf("etcd client certificate %s / key %s: %w", c.etcd.certFile, c.etcd.keyFile, err)
+			}
+			tc.Certificates = []tls.Certificate{cert}
+		}
+		o.TLS = tc
+	}
+	return o, nil
 }
 
 // parse allows flags before and after positional arguments
@@ -140,10 +220,15 @@ func (e *env) open(c *common, create bool) (*keyserver.Data, error) {
 	if c.data == "" {
 		return nil, fmt.Errorf("%w: --data DIR is required", errUsage)
 	}
+	eo, err := e.etcdOptions(c)
+	if err != nil {
+		return nil, err
+	}
 	return keyserver.OpenData(e.ctx, c.data, keyserver.DataOptions{
 		Create:        create,
 		MasterKeyPath: c.masterKey,
 		LockTimeout:   c.lockTimeout,
+		Etcd:          eo,
 	})
 }
 
@@ -176,6 +261,7 @@ func (e *env) serve(args []string) error {
 	hostRate := fs.Float64("host-rate", keyserver.DefaultHostLimit.PerSecond, "key requests per second per host (0: no limit)")
 	hostBurst := fs.Int("host-burst", keyserver.DefaultHostLimit.Burst, "burst of key requests per host")
 	grace := fs.Duration("grace", 10*time.Second, "how long requests in flight may finish on shutdown")
+	maxConns := fs.Int("max-conns", keyserver.DefaultMaxConns, "connections served at once; more wait in the listen queue (0: no limit)")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -189,8 +275,12 @@ func (e *env) serve(args []string) error {
 
 	d, err := e.open(&c, true)
 	if err != nil {
+		if errors.Is(err, errUsage) {
+			return err
+		}
 		return fmt.Errorf("serve: refusing to start: %w", err)
 	}
+	defer d.Close()
 	n, probs, err := d.Verify(e.ctx)
 	if err != nil {
 		return fmt.Errorf("serve: refusing to start: %w", err)
@@ -228,11 +318,12 @@ func (e *env) serve(args []string) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	ln = keyserver.LimitListener(ln, *maxConns)
 	srv := keyserver.NewHTTPServer(h, cert, log.New(e.stderr, prog+": http: ", log.LstdFlags))
 	// Printed only once we listen, so whoever starts us can connect as
 	// soon as it has read these lines.
 	fmt.Fprintf(e.stdout, "pin: %s\nlisten: %s\n", p, ln.Addr())
-	logger.Printf("serving %d hosts on https://%s (data %s, master key %s)", n, ln.Addr(), d.Dir, d.Sealer.ID())
+	logger.Printf("serving %d hosts on https://%s (%s, master key %s)", n, ln.Addr(), d.Where, d.Sealer.ID())
 	err = keyserver.Serve(e.ctx, srv, ln, *grace)
 	logger.Printf("stopped")
 	return err
@@ -254,6 +345,7 @@ func (e *env) init(args []string) error {
 	if err != nil {
 		return err
 	}
+	defer d.Close()
 	_, p, err := d.TLS(sans, true)
 	if err != nil {
 		return err
@@ -332,6 +424,7 @@ func (e *env) host(sub string, args []string) error {
 	if err != nil {
 		return err
 	}
+	defer d.Close()
 	a := d.Admin()
 	ctx := e.ctx
 	switch sub {

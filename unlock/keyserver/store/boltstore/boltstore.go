@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -51,11 +52,15 @@ type Options struct {
 	LockTimeout time.Duration
 }
 
-// Store is a store.Store over one bbolt file. It holds no open file between
-// operations, so several Stores (in this or other processes) may share a path.
+// Store is a store.Store over one bbolt file. It holds no lock between
+// operations, so several Stores (in this or other processes) may share a
+// path. Reads come from a snapshot checked against the file's last commit
+// at every read (snapshot.go).
 type Store struct {
 	path        string
 	lockTimeout time.Duration
+	snap        snapState // see snapshot.go
+	opens       atomic.Int64
 }
 
 var _ store.Store = (*Store)(nil)
@@ -149,6 +154,7 @@ func (s *Store) open(ctx context.Context, readOnly bool) (*bolt.DB, error) {
 	if fi.Size() == 0 {
 		return nil, fmt.Errorf("data file %s is empty: %w", s.path, store.ErrCorrupt)
 	}
+	s.opens.Add(1)
 	db, err := bolt.Open(s.path, 0o600, &bolt.Options{
 		Timeout:  timeout,
 		ReadOnly: readOnly,
@@ -226,6 +232,16 @@ func (s *Store) decode(key, val []byte) (store.Host, error) {
 
 // Get implements store.Store.
 func (s *Store) Get(ctx context.Context, id string) (store.Host, error) {
+	if err := ctx.Err(); err != nil {
+		return store.Host{}, fmt.Errorf("data file %s: %w", s.path, err)
+	}
+	if sn := s.current(ctx); sn != nil {
+		h, ok := sn.hosts[id]
+		if !ok {
+			return store.Host{}, fmt.Errorf("host %q: %w", id, store.ErrNotFound)
+		}
+		return h.Clone(), nil
+	}
 	var h store.Host
 	err := s.view(ctx, func(tx *bolt.Tx) error {
 		v := tx.Bucket(bucketHosts).Get([]byte(id))
@@ -325,6 +341,12 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 // MasterKeyID implements store.Store. It takes the write lock only when
 // nothing is recorded yet, which happens once per file.
 func (s *Store) MasterKeyID(ctx context.Context, proposed string) (string, error) {
+	if err := ctx.Err(); err != nil {
+		return "", fmt.Errorf("data file %s: %w", s.path, err)
+	}
+	if sn := s.current(ctx); sn != nil && (sn.masterID != "" || proposed == "") {
+		return sn.masterID, nil
+	}
 	var got string
 	err := s.view(ctx, func(tx *bolt.Tx) error {
 		got = string(tx.Bucket(bucketMeta).Get(keyMasterID))
@@ -344,5 +366,9 @@ func (s *Store) MasterKeyID(ctx context.Context, proposed string) (string, error
 	return got, err
 }
 
-// Close implements store.Store. Nothing is held between operations.
-func (s *Store) Close() error { return nil }
+// Close implements store.Store. Only the descriptor for reading the meta
+// pages is held between operations (with no lock).
+func (s *Store) Close() error {
+	s.snap.meta.close()
+	return nil
+}

@@ -1,0 +1,257 @@
+package volumes
+
+import (
+	"bufio"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hmac"
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/sha512"
+	"crypto/subtle"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"os"
+	"runtime/debug"
+	"strconv"
+	"strings"
+
+	"golang.org/x/crypto/argon2"
+	"golang.org/x/crypto/xts"
+)
+
+// Keyslots are unsealed here, from the validated Header, rather than by a
+// library that re-reads the device: a library that parses the header again
+// can see another header than the one validated (the device may change in
+// between, and a damaged primary with an intact secondary is not something
+// it handles), and it keeps the volume key where it cannot be wiped.
+
+// ErrWrongKey is returned by Unseal when the passphrase does not open the
+// keyslot.
+var ErrWrongKey = errors.New("passphrase does not open the keyslot")
+
+// Unseal derives the volume key from keyslot slot of h with passphrase.
+// r is the LUKS device; only the keyslot area is read from it. The caller
+// owns the returned key and must clear it.
+func Unseal(r io.ReaderAt, h *Header, slot int, passphrase []byte) ([]byte, error) {
+	k, ok := h.Keyslot(slot)
+	if !ok {
+		return nil, fmt.Errorf("no keyslot %d", slot)
+	}
+	d := h.digestFor(slot)
+	if d == nil {
+		return nil, fmt.Errorf("keyslot %d has no digest", slot)
+	}
+	area := make([]byte, int64(k.KeySize)*afStripes)
+	defer clear(area)
+	// The area length is a whole number of 512-byte sectors for every
+	// key size cryptsetup writes; round up for the odd ones.
+	buf := make([]byte, (len(area)+511)/512*512)
+	defer clear(buf)
+	if int64(len(buf)) > k.Area.Size {
+		return nil, fmt.Errorf("keyslot %d: area of %d bytes is smaller than its %d-byte key material", slot, k.Area.Size, len(buf))
+	}
+	if _, err := r.ReadAt(buf, k.Area.Offset); err != nil {
+		return nil, fmt.Errorf("keyslot %d: read area: %w", slot, err)
+	}
+	areaKey, err := deriveKDF(k.KDF, passphrase, k.Area.KeySize)
+	if err != nil {
+		return nil, fmt.Errorf("keyslot %d: %w", slot, err)
+	}
+	err = decryptArea(k.Area.Encryption, areaKey, buf)
+	clear(areaKey)
+	if err != nil {
+		return nil, fmt.Errorf("keyslot %d: %w", slot, err)
+	}
+	copy(area, buf)
+	key, err := afMerge(area, k.KeySize, afStripes, hashFunc(k.AF.Hash))
+	if err != nil {
+		return nil, fmt.Errorf("keyslot %d: %w", slot, err)
+	}
+	got, err := pbkdf2Key(hashFunc(d.Hash), key, d.Salt, d.Iterations, len(d.Digest))
+	if err != nil {
+		clear(key)
+		return nil, fmt.Errorf("keyslot %d: digest: %w", slot, err)
+	}
+	if subtle.ConstantTimeCompare(got, d.Digest) != 1 {
+		clear(key)
+		return nil, ErrWrongKey
+	}
+	return key, nil
+}
+
+// deriveKDF runs the keyslot's KDF. argon2 runs its lanes in parallel (as
+// many goroutines as the header has lanes, which is what makes it as fast
+// as cryptsetup); its memory is handed back to the kernel right after,
+// since a small VM needs it for the rest of the boot.
+func deriveKDF(k KDF, pass []byte, n int) ([]byte, error) {
+	switch k.Type {
+	case "pbkdf2":
+		return pbkdf2Key(hashFunc(k.Hash), pass, k.Salt, k.Iterations, n)
+	case "argon2i", "argon2id":
+		if avail, ok := memAvailableKiB(); ok && uint64(k.Memory) > avail {
+			return nil, fmt.Errorf("%s needs %d MiB of memory, only %d MiB available", k.Type, k.Memory>>10, avail>>10)
+		}
+		defer debug.FreeOSMemory()
+		if k.Type == "argon2i" {
+			return argon2.Key(pass, k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)), nil
+		}
+		return argon2.IDKey(pass, k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)), nil
+	}
+	return nil, fmt.Errorf("KDF %q", k.Type)
+}
+
+// memAvailableKiB reads MemAvailable from /proc/meminfo.
+func memAvailableKiB() (uint64, bool) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0, false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "MemAvailable:"); ok {
+			n, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return n, err == nil
+		}
+	}
+	return 0, false
+}
+
+// decryptArea decrypts a keyslot area in place: 512-byte sectors numbered
+// from 0 at the start of the area, as cryptsetup writes them.
+func decryptArea(enc string, key, buf []byte) error {
+	if !areaKeySizeOK(enc, len(key)) {
+		return fmt.Errorf("area cipher %s with a %d-byte key", enc, len(key))
+	}
+	switch enc {
+	case "aes-xts-plain64", "aes-xts-plain":
+		c, err := xts.NewCipher(aes.NewCipher, key)
+		if err != nil {
+			return err
+		}
+		for i := 0; i < len(buf)/512; i++ {
+			s := buf[i*512 : (i+1)*512]
+			c.Decrypt(s, s, uint64(i))
+		}
+		return nil
+	case "aes-cbc-essiv:sha256":
+		b, err := aes.NewCipher(key)
+		if err != nil {
+			return err
+		}
+		salt := sha256.Sum256(key)
+		essiv, err := aes.NewCipher(salt[:])
+		clear(salt[:])
+		if err != nil {
+			return err
+		}
+		iv := make([]byte, aes.BlockSize)
+		for i := 0; i < len(buf)/512; i++ {
+			clear(iv)
+			binary.LittleEndian.PutUint64(iv, uint64(i))
+			essiv.Encrypt(iv, iv)
+			s := buf[i*512 : (i+1)*512]
+			cipher.NewCBCDecrypter(b, iv).CryptBlocks(s, s)
+		}
+		return nil
+	}
+	return fmt.Errorf("area cipher %q is not supported", enc)
+}
+
+// areaKeySizeOK reports whether n is a key size enc takes.
+func areaKeySizeOK(enc string, n int) bool {
+	switch enc {
+	case "aes-xts-plain64", "aes-xts-plain":
+		return n == 32 || n == 64
+	case "aes-cbc-essiv:sha256":
+		return n == 16 || n == 24 || n == 32
+	}
+	return false
+}
+
+// hashFunc maps a LUKS hash name to its implementation, or nil.
+func hashFunc(name string) func() hash.Hash {
+	switch name {
+	case "sha1":
+		return sha1.New
+	case "sha256":
+		return sha256.New
+	case "sha512":
+		return sha512.New
+	case "sha384":
+		return sha512.New384
+	}
+	return nil
+}
+
+// afMerge undoes LUKS's anti-forensic split: stripes blocks of n bytes,
+// each XORed into a running buffer that is then diffused with the hash.
+func afMerge(src []byte, n, stripes int, newHash func() hash.Hash) ([]byte, error) {
+	if n <= 0 || len(src) < n*stripes || newHash == nil {
+		return nil, fmt.Errorf("anti-forensic merge of %d bytes into %d x %d", len(src), stripes, n)
+	}
+	h := newHash()
+	buf := make([]byte, n)
+	tmp := make([]byte, 0, n+h.Size())
+	defer clear(tmp[:cap(tmp)])
+	for i := 0; i < stripes-1; i++ {
+		subtle.XORBytes(buf, buf, src[i*n:(i+1)*n])
+		tmp = diffuse(h, buf, tmp[:0])
+		copy(buf, tmp)
+	}
+	subtle.XORBytes(buf, buf, src[(stripes-1)*n:stripes*n])
+	return buf, nil
+}
+
+// diffuse hashes buf in digest-sized pieces, each prefixed with its
+// big-endian index, and appends the result (truncated to len(buf)).
+func diffuse(h hash.Hash, buf, out []byte) []byte {
+	ds := h.Size()
+	var iv [4]byte
+	for i := 0; i*ds < len(buf); i++ {
+		end := min((i+1)*ds, len(buf))
+		binary.BigEndian.PutUint32(iv[:], uint32(i))
+		h.Reset()
+		h.Write(iv[:])
+		h.Write(buf[i*ds : end])
+		out = h.Sum(out)
+		out = out[:end]
+	}
+	return out
+}
+
+// pbkdf2Key is PBKDF2 (RFC 8018) over a []byte password: the standard
+// library's takes a string, a copy of the secret that cannot be wiped.
+func pbkdf2Key(newHash func() hash.Hash, password, salt []byte, iter, keyLen int) ([]byte, error) {
+	if newHash == nil || iter < 1 || keyLen < 1 || keyLen > 1<<20 {
+		return nil, fmt.Errorf("pbkdf2 with %d iterations for %d bytes", iter, keyLen)
+	}
+	prf := hmac.New(newHash, password)
+	hl := prf.Size()
+	out := make([]byte, 0, (keyLen+hl-1)/hl*hl)
+	u := make([]byte, 0, hl)
+	defer clear(u[:cap(u)])
+	var cnt [4]byte
+	for block := 1; len(out) < keyLen; block++ {
+		prf.Reset()
+		prf.Write(salt)
+		binary.BigEndian.PutUint32(cnt[:], uint32(block))
+		prf.Write(cnt[:])
+		u = prf.Sum(u[:0])
+		start := len(out)
+		out = append(out, u...)
+		t := out[start:]
+		for n := 1; n < iter; n++ {
+			prf.Reset()
+			prf.Write(u)
+			u = prf.Sum(u[:0])
+			subtle.XORBytes(t, t, u)
+		}
+	}
+	clear(out[keyLen:cap(out)])
+	return out[:keyLen], nil
+}

@@ -1,0 +1,275 @@
+package volumes
+
+import (
+	"bytes"
+	"context"
+	"encoding/hex"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// dumpVolumeKey asks cryptsetup for the volume key that passphrase opens:
+// the oracle our unsealing must agree with.
+func dumpVolumeKey(t *testing.T, img string, passphrase []byte) []byte {
+	t.Helper()
+	kf := filepath.Join(t.TempDir(), "k")
+	if err := os.WriteFile(kf, passphrase, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode", "--key-file", kf, img).CombinedOutput()
+	if err != nil {
+		t.Fatalf("cryptsetup luksDump --dump-volume-key: %v\n%s", err, out)
+	}
+	_, dump, ok := strings.Cut(string(out), "MK dump:")
+	if !ok {
+		t.Fatalf("no MK dump in:\n%s", out)
+	}
+	k, err := hex.DecodeString(strings.Join(strings.Fields(dump), ""))
+	if err != nil {
+		t.Fatalf("MK dump: %v", err)
+	}
+	return k
+}
+
+// formatArgs makes a LUKS2 volume with extra luksFormat arguments.
+func formatArgs(t testing.TB, pass []byte, args ...string) string {
+	t.Helper()
+	dir := t.TempDir()
+	img := filepath.Join(dir, "vol.img")
+	kf := filepath.Join(dir, "key")
+	if err := os.WriteFile(kf, pass, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	all := append([]string{"luksFormat", "--type", "luks2", "--batch-mode", "--key-file", kf,
+		"--luks2-metadata-size", "16k", "--luks2-keyslots-size", "2m"}, args...)
+	if out, err := exec.Command("cryptsetup", append(all, img)...).CombinedOutput(); err != nil {
+		t.Fatalf("cryptsetup %v: %v\n%s", all, err, out)
+	}
+	return img
+}
+
+func unsealFile(t *testing.T, img string, pass []byte) ([]byte, *Header, error) {
+	t.Helper()
+	h, err := readHeaderFile(t, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := DefaultPolicy().Validate(h); err != nil {
+		t.Fatalf("cryptsetup's header refused: %v", err)
+	}
+	f, err := os.Open(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	vk, _, _, err := findKey(context.Background(), f, h, [][]byte{pass})
+	return vk, h, err
+}
+
+// TestUnsealAgreesWithCryptsetup unseals keyslots made with every KDF,
+// anti-forensic hash and keyslot cipher we support, and compares the
+// volume key with what cryptsetup recovers.
+func TestUnsealAgreesWithCryptsetup(t *testing.T) {
+	pass := []byte("correct horse battery staple")
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"pbkdf2-sha256", []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--hash", "sha256"}},
+		{"pbkdf2-sha512", []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--hash", "sha512"}},
+		{"pbkdf2-sha1", []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--hash", "sha1"}},
+		{"argon2id", []string{"--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32768", "--pbkdf-parallel", "4"}},
+		{"argon2i", []string{"--pbkdf", "argon2i", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32768", "--pbkdf-parallel", "2"}},
+		{"aes-256 volume key, 256-bit keyslot key", []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+			"--key-size", "256", "--keyslot-cipher", "aes-xts-plain64", "--keyslot-key-size", "256"}},
+		{"keyslot aes-cbc-essiv", []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+			"--keyslot-cipher", "aes-cbc-essiv:sha256", "--keyslot-key-size", "256"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := formatArgs(t, pass, tc.args...)
+			vk, h, err := unsealFile(t, img, pass)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := dumpVolumeKey(t, img, pass); !bytes.Equal(vk, want) {
+				t.Fatalf("volume key (%d bytes) differs from cryptsetup's (%d bytes)", len(vk), len(want))
+			}
+			if _, _, err := unsealFile(t, img, []byte("wrong")); !errors.Is(err, ErrNoKey) {
+				t.Fatalf("wrong passphrase: err = %v", err)
+			}
+			t.Logf("keyslot 0: %s, area %s", h.Keyslots[0].KDF.Type, h.Keyslots[0].Area.Encryption)
+		})
+	}
+}
+
+// TestDamagedPrimaryUnlocksFromSecondary is the case luks.go could not
+// handle: the primary copy is garbage, the secondary is intact, and the
+// volume must still open (with the volume key cryptsetup agrees on).
+func TestDamagedPrimaryUnlocksFromSecondary(t *testing.T) {
+	pass := []byte("k1")
+	img := format(t, pass)
+	want := dumpVolumeKey(t, img, pass)
+	f, err := os.OpenFile(img, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xa5}, 4096), 0); err != nil { // magic and all
+		t.Fatal(err)
+	}
+	f.Close()
+	vk, h, err := unsealFile(t, img, pass)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !h.Secondary || h.PrimaryErr == nil || !strings.Contains(h.PrimaryErr.Error(), "no LUKS magic") {
+		t.Fatalf("header secondary=%v primaryErr=%v", h.Secondary, h.PrimaryErr)
+	}
+	if !bytes.Equal(vk, want) {
+		t.Fatal("volume key from the secondary header differs from cryptsetup's")
+	}
+}
+
+// TestAttackerEditsPrimaryOnly: a primary rewritten with a valid checksum
+// is used (it is intact), so the edit is refused rather than silently
+// bypassed by falling back to the secondary.
+func TestAttackerEditsPrimaryOnly(t *testing.T) {
+	img := format(t, []byte("k1"))
+	editJSON(t, img, 0, func(m map[string]any) { seg0(m)["encryption"] = "cipher_null-ecb" })
+	h, err := readHeaderFile(t, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if h.Secondary {
+		t.Fatal("fell back to the secondary although the primary checksums")
+	}
+	if err := DefaultPolicy().Validate(h); !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "cipher_null") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestHighPrioritySlotFirst(t *testing.T) {
+	img := format(t, []byte("first"), []byte("second"))
+	editBoth(t, img, func(m map[string]any) {
+		m["keyslots"].(map[string]any)["1"].(map[string]any)["priority"] = 2
+	})
+	h, err := readHeaderFile(t, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, _ := os.Open(img)
+	defer f.Close()
+	// Either key opens its own slot; "second" must be tried on slot 1
+	// first and the high-priority slot is the one reported.
+	vk, slot, ki, err := findKey(context.Background(), f, h, [][]byte{[]byte("nope"), []byte("second")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clear(vk)
+	if slot != 1 || ki != 1 {
+		t.Fatalf("slot %d key %d, want slot 1 key 1", slot, ki)
+	}
+}
+
+func TestPBKDF2Vectors(t *testing.T) {
+	// RFC 6070, SHA-1.
+	got, err := pbkdf2Key(hashFunc("sha1"), []byte("password"), []byte("salt"), 4096, 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if hex.EncodeToString(got) != "4b007901b765489abead49d926f721d065a429c1" {
+		t.Fatalf("pbkdf2 = %x", got)
+	}
+	got, _ = pbkdf2Key(hashFunc("sha1"), []byte("passwordPASSWORDpassword"), []byte("saltSALTsaltSALTsaltSALTsaltSALTsalt"), 4096, 25)
+	if hex.EncodeToString(got) != "3d2eec4fe41c849b80c8d83662c0e44a8b291a964cf2f07038" {
+		t.Fatalf("pbkdf2 = %x", got)
+	}
+}
+
+func TestCryptTableParams(t *testing.T) {
+	tb := CryptTable{Name: "data", Cipher: "aes-xts-plain64", Key: []byte{0xde, 0xad}, IVOffset: 7,
+		Offset: 4 << 20, Length: 20 << 20, SectorSize: 4096, Flags: []string{"no_read_workqueue", "no_write_workqueue"}}
+	p := tb.params("254:2")
+	if got, want := string(p), "aes-xts-plain64 dead 7 254:2 8192 3 no_read_workqueue no_write_workqueue sector_size:4096"; got != want {
+		t.Fatalf("params = %q, want %q", got, want)
+	}
+	d := tb.describe("254:2")
+	if strings.Contains(d, "dead") || !strings.Contains(d, "0 40960 crypt aes-xts-plain64 <key> 7 254:2 8192 3") {
+		t.Fatalf("describe = %q", d)
+	}
+}
+
+func TestActivationFlags(t *testing.T) {
+	for _, tc := range []struct {
+		spec    Spec
+		release string
+		want    string
+	}{
+		{Spec{NoWorkqueue: true}, "6.1.0-48-amd64", "no_read_workqueue no_write_workqueue"},
+		{Spec{NoWorkqueue: true}, "5.9.0", "no_read_workqueue no_write_workqueue"},
+		{Spec{NoWorkqueue: true}, "5.8.18", ""},
+		{Spec{NoWorkqueue: false}, "6.1.0", ""},
+		{Spec{NoWorkqueue: true, AllowDiscards: true}, "6.1.0", "allow_discards no_read_workqueue no_write_workqueue"},
+		{Spec{AllowDiscards: true}, "4.19.0", "allow_discards"},
+	} {
+		if got := strings.Join(tc.spec.flags(tc.release), " "); got != tc.want {
+			t.Errorf("%+v on %s: flags %q, want %q", tc.spec, tc.release, got, tc.want)
+		}
+	}
+}
+
+// BenchmarkUnlockArgon2id unseals a cryptsetup-made argon2id keyslot.
+// UNLOCKRD_BENCH_VOLUME and UNLOCKRD_BENCH_KEYFILE name a volume made
+// elsewhere (the bench program compares against cryptsetup on the same
+// one); otherwise it makes one: cryptsetup's default argon2id with a
+// modest memory cost.
+func BenchmarkUnlockArgon2id(b *testing.B) {
+	img, kf := os.Getenv("UNLOCKRD_BENCH_VOLUME"), os.Getenv("UNLOCKRD_BENCH_KEYFILE")
+	if img == "" {
+		dir := b.TempDir()
+		img, kf = filepath.Join(dir, "vol.img"), filepath.Join(dir, "key")
+		os.WriteFile(kf, []byte("bench passphrase"), 0o600)
+		os.WriteFile(img, nil, 0o600)
+		os.Truncate(img, 20<<20)
+		if out, err := exec.Command("cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode",
+			"--pbkdf", "argon2id", "--pbkdf-memory", "262144", "--pbkdf-parallel", "4",
+			"--key-file", kf, img).CombinedOutput(); err != nil {
+			b.Fatalf("cryptsetup: %v\n%s", err, out)
+		}
+	}
+	pass, err := os.ReadFile(kf)
+	if err != nil {
+		b.Fatal(err)
+	}
+	f, err := os.Open(img)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	h, err := ReadHeader(f)
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := DefaultPolicy().Validate(h); err != nil {
+		b.Fatal(err)
+	}
+	k := h.Keyslots[0].KDF
+	b.Logf("keyslot 0: %s time=%d memory=%dKiB lanes=%d", k.Type, k.Time, k.Memory, k.CPUs)
+	b.ResetTimer()
+	for b.Loop() {
+		vk, _, _, err := findKey(context.Background(), f, h, [][]byte{pass})
+		if err != nil {
+			b.Fatal(err)
+		}
+		clear(vk)
+	}
+}
