@@ -383,10 +383,12 @@ func parseChunkSize(line []byte) (int64, error) {
 	if bytes.IndexByte(line, '\r') >= 0 {
 		return 0, errors.New("malformed chunk-size line (stray CR)")
 	}
+	// As net/http does: trailing whitespace goes, then any extension;
+	// whitespace before the ';' is refused.
+	line = bytes.TrimRight(line, " \t")
 	if i := bytes.IndexByte(line, ';'); i >= 0 {
 		line = line[:i]
 	}
-	line = bytes.TrimRight(line, " \t")
 	if len(line) == 0 || len(line) > 8 {
 		return 0, errors.New("malformed chunk size")
 	}
