@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"net/url"
 	"path"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -177,9 +176,9 @@ func (c *Config) Normalize() {
 }
 
 var (
-	nameRE   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.+-]{0,126}$`)
-	moduleRE = regexp.MustCompile(`^[A-Za-z0-9_-]+$`)
-	fstypeRE = regexp.MustCompile(`^[a-z0-9_.]+$`)
+	nameRE   = charset{first: alnum, rest: anyOf(alnum, "_.+-"), max: 127}
+	moduleRE = charset{first: anyOf(alnum, "_-"), rest: anyOf(alnum, "_-"), max: 255}
+	fstypeRE = charset{first: anyOf(lowerDigit, "_."), rest: anyOf(lowerDigit, "_."), max: 64}
 )
 
 // Validate checks every field; the error names the first bad field.
@@ -332,16 +331,14 @@ func validateSource(field, v string, token bool) error {
 	case token:
 		return fieldErr(field, fmt.Sprintf("%q: want credential, cmdline or file:PATH (a literal token would sit on the unencrypted boot medium)", v))
 	}
-	if !hostRE.MatchString(v) {
+	if !ValidHostID(v) {
 		return fieldErr(field, fmt.Sprintf("%q: want smbios-uuid, cmdline, credential or a literal host id (letters, digits, . _ -)", v))
 	}
 	return nil
 }
 
-var hostRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
-
 // ValidHostID reports whether s can be used as a host id in a URL path.
-func ValidHostID(s string) bool { return hostRE.MatchString(s) }
+func ValidHostID(s string) bool { return keyproto.ValidHostID(s) }
 
 // ValidateDeviceRef checks the syntax of a device reference.
 func ValidateDeviceRef(s string) error {
@@ -367,7 +364,9 @@ func ValidateDeviceRef(s string) error {
 	return nil
 }
 
-var uuidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$|^[0-9a-fA-F]{4}-[0-9a-fA-F]{4}$|^[0-9a-fA-F]{16}$`)
+// uuidRE accepts the UUID forms blkid prints: 8-4-4-4-12 (ext4, LUKS,
+// GPT), 4-4 (vfat) and 16 hex digits (NTFS).
+var uuidRE = uuidForms{"8-4-4-4-12", "4-4", "16"}
 
 // Duration is a time.Duration written as "10s" (or 0) in YAML and JSON.
 type Duration time.Duration

@@ -1,7 +1,9 @@
-package config
+package config_test
 
 import (
 	"errors"
+	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/config/yamlconfig"
 	"strings"
 	"testing"
 	"time"
@@ -40,7 +42,7 @@ modules: [virtio_pci, virtio-blk, virtio_net, dm_crypt, ext4]
 `
 
 func TestParseGood(t *testing.T) {
-	c, err := Parse([]byte(good))
+	c, err := yamlconfig.Parse([]byte(good))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,7 +60,7 @@ func TestParseGood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c2, err := LoadEmbedded(b)
+	c2, err := config.LoadEmbedded(b)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +96,7 @@ func TestParseErrorsNameTheField(t *testing.T) {
 			if in == good {
 				t.Fatalf("test case did not change the input")
 			}
-			_, err := Parse([]byte(in))
+			_, err := yamlconfig.Parse([]byte(in))
 			if err == nil {
 				t.Fatalf("no error")
 			}
@@ -106,21 +108,21 @@ func TestParseErrorsNameTheField(t *testing.T) {
 }
 
 func TestFieldErrorType(t *testing.T) {
-	_, err := Parse([]byte(strings.Replace(good, goodPin, "sha256//x", 1)))
-	var fe *FieldError
+	_, err := yamlconfig.Parse([]byte(strings.Replace(good, goodPin, "sha256//x", 1)))
+	var fe *config.FieldError
 	if !errors.As(err, &fe) || fe.Field != "key.pins[0]" {
-		t.Fatalf("err = %v, want a FieldError for key.pins[0]", err)
+		t.Fatalf("err = %v, want a config.FieldError for key.pins[0]", err)
 	}
 }
 
 func TestLoadEmbeddedRejectsUnknown(t *testing.T) {
-	if _, err := LoadEmbedded([]byte(`{"key":{},"extra":1}`)); err == nil {
+	if _, err := config.LoadEmbedded([]byte(`{"key":{},"extra":1}`)); err == nil {
 		t.Fatal("unknown field accepted")
 	}
 }
 
 func TestApplyCmdline(t *testing.T) {
-	c, err := Parse([]byte(good))
+	c, err := yamlconfig.Parse([]byte(good))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +153,7 @@ func TestApplyCmdline(t *testing.T) {
 }
 
 func TestApplyCmdlineBadValuesKeepConfig(t *testing.T) {
-	c, err := Parse([]byte(good))
+	c, err := yamlconfig.Parse([]byte(good))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,7 +172,7 @@ func TestApplyCmdlineBadValuesKeepConfig(t *testing.T) {
 }
 
 func TestSplitCmdlineQuotes(t *testing.T) {
-	ps := SplitCmdline(`a=1 "b=two words" c`)
+	ps := config.SplitCmdline(`a=1 "b=two words" c`)
 	if len(ps) != 3 || ps[1].Key != "b" || ps[1].Value != "two words" || ps[2].HasValue {
 		t.Fatalf("got %+v", ps)
 	}
@@ -178,27 +180,27 @@ func TestSplitCmdlineQuotes(t *testing.T) {
 
 func TestSwapModesAndVolumeOptions(t *testing.T) {
 	cfg := strings.Replace(good, "    swap: true\n", "    swap: random\n    allow_discards: true\n    no_workqueue: false\n", 1)
-	c, err := Parse([]byte(cfg))
+	c, err := yamlconfig.Parse([]byte(cfg))
 	if err != nil {
 		t.Fatal(err)
 	}
 	v := c.Volumes[1]
-	if v.Swap != SwapRandom || !v.AllowDiscards || v.WorkqueueBypass() || !c.Volumes[0].WorkqueueBypass() {
+	if v.Swap != config.SwapRandom || !v.AllowDiscards || v.WorkqueueBypass() || !c.Volumes[0].WorkqueueBypass() {
 		t.Fatalf("volume = %+v", v)
 	}
 	b, err := c.Embed()
 	if err != nil {
 		t.Fatal(err)
 	}
-	e, err := LoadEmbedded(b)
+	e, err := config.LoadEmbedded(b)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e.Volumes[1].Swap != SwapRandom || e.Volumes[0].Swap != SwapOff {
+	if e.Volumes[1].Swap != config.SwapRandom || e.Volumes[0].Swap != config.SwapOff {
 		t.Fatalf("embedded round trip: %+v", e.Volumes)
 	}
 	// swap: true still embeds as the boolean older images carry.
-	c2, _ := Parse([]byte(good))
+	c2, _ := yamlconfig.Parse([]byte(good))
 	b2, _ := c2.Embed()
 	if !strings.Contains(string(b2), `"swap": true`) {
 		t.Fatalf("swap: true embeds as:\n%s", b2)
@@ -208,8 +210,8 @@ func TestSwapModesAndVolumeOptions(t *testing.T) {
 		{"    device: PARTLABEL=swap\n    swap: true\n", "    device: /dev/vda3\n    swap: random\n", "volumes[1].device"},
 		{"    swap: true\n", "    swap: maybe\n", "volumes[1].swap"},
 	} {
-		_, err := Parse([]byte(strings.Replace(good, bad.from, bad.to, 1)))
-		var fe *FieldError
+		_, err := yamlconfig.Parse([]byte(strings.Replace(good, bad.from, bad.to, 1)))
+		var fe *config.FieldError
 		if !errors.As(err, &fe) || fe.Field != bad.field {
 			t.Errorf("%q: err = %v, want a %s error", bad.to, err, bad.field)
 		}
@@ -217,7 +219,7 @@ func TestSwapModesAndVolumeOptions(t *testing.T) {
 }
 
 func TestDeviceTimeoutParameter(t *testing.T) {
-	c, _ := Parse([]byte(good))
+	c, _ := yamlconfig.Parse([]byte(good))
 	if err := c.ApplyCmdline("rd.unlockrd.device-timeout=15s"); err != nil || c.Boot.DeviceTimeout != 15*time.Second {
 		t.Fatalf("device-timeout = %s, err %v", c.Boot.DeviceTimeout, err)
 	}

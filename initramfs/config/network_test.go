@@ -1,7 +1,9 @@
-package config
+package config_test
 
 import (
 	"errors"
+	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/config/yamlconfig"
 	"slices"
 	"strings"
 	"testing"
@@ -15,7 +17,7 @@ func TestNetworkIPValidatedAtBuildTime(t *testing.T) {
 		"  ip: 10.0.0.2::10.0.0.1:255.255.255.0:db1:eth0:none:10.0.0.53",
 		"  ip: none",
 	} {
-		if _, err := Parse([]byte(strings.Replace(good, "  ip: dhcp", ok, 1))); err != nil {
+		if _, err := yamlconfig.Parse([]byte(strings.Replace(good, "  ip: dhcp", ok, 1))); err != nil {
 			t.Errorf("%s: %v", ok, err)
 		}
 	}
@@ -25,8 +27,8 @@ func TestNetworkIPValidatedAtBuildTime(t *testing.T) {
 		{"  ip: [dhcp, eth1:dhcp]", "applies to every link"},
 		{"  ip: [eth0:dhcp, 10.0.0.2:::24::eth0:none]", "conflicting values for eth0"},
 	} {
-		_, err := Parse([]byte(strings.Replace(good, "  ip: dhcp", tc.yaml, 1)))
-		var fe *FieldError
+		_, err := yamlconfig.Parse([]byte(strings.Replace(good, "  ip: dhcp", tc.yaml, 1)))
+		var fe *config.FieldError
 		if !errors.As(err, &fe) || fe.Field != "network.ip" || !strings.Contains(fe.Msg, tc.msg) {
 			t.Errorf("%s: %v, want a network.ip error containing %q", tc.yaml, err, tc.msg)
 		}
@@ -36,7 +38,7 @@ func TestNetworkIPValidatedAtBuildTime(t *testing.T) {
 // A bad ip= or nameserver= on the command line is reported, naming the
 // parameter, and the configured value is kept.
 func TestCmdlineIPAndNameserver(t *testing.T) {
-	c, err := Parse([]byte(strings.Replace(good, "  ip: dhcp", "  ip: eth0:dhcp", 1)))
+	c, err := yamlconfig.Parse([]byte(strings.Replace(good, "  ip: dhcp", "  ip: eth0:dhcp", 1)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -31,6 +31,7 @@ import (
 	"github.com/u-root/mkuimage/cpio"
 
 	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/config/yamlconfig"
 	"github.com/unlockrd/unlockrd/initramfs/kmod"
 )
 
@@ -147,7 +148,7 @@ func Build(ctx context.Context, o Options) (*Report, error) {
 	if err != nil {
 		return nil, fmt.Errorf("configuration: %w", err)
 	}
-	cfg, err := config.Parse(cfgYAML)
+	cfg, err := yamlconfig.Parse(cfgYAML)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", o.ConfigFile, err)
 	}

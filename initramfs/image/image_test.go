@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/config/yamlconfig"
 	"github.com/unlockrd/unlockrd/initramfs/kmod"
 )
 
@@ -308,7 +309,7 @@ func TestReadRoundTrip(t *testing.T) {
 		if st, _ := os.Stat(out); st.Size() != rep.Compressed {
 			t.Errorf("report says %d bytes, file has %d", rep.Compressed, st.Size())
 		}
-		cfg, _ := config.Parse([]byte(goodConfig))
+		cfg, _ := yamlconfig.Parse([]byte(goodConfig))
 		want, _ := cfg.Embed()
 		if !bytes.Equal(c.Config, want) {
 			t.Errorf("embedded config\n%s\nwant\n%s", c.Config, want)

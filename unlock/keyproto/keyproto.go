@@ -189,3 +189,24 @@ func Wipe(keys [][]byte) {
 		clear(k)
 	}
 }
+
+// ValidHostID reports whether id can be a host id: one URL path segment
+// that needs no escaping (1-128 bytes of letters, digits, ".", "_" and
+// "-", starting with a letter or digit). The image builder, the init and
+// the key server all apply this one rule.
+func ValidHostID(id string) bool {
+	if len(id) == 0 || len(id) > 128 {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		b := id[i]
+		ok := b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || b >= '0' && b <= '9'
+		if i > 0 && (b == '.' || b == '_' || b == '-') {
+			ok = true
+		}
+		if !ok {
+			return false
+		}
+	}
+	return true
+}

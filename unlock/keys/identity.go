@@ -5,9 +5,9 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -57,8 +57,6 @@ const (
 	srcCredHost     = "SMBIOS credential " + CredHost
 	srcCredToken    = "SMBIOS credential " + CredToken
 )
-
-var hostIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 
 // errAbsent marks a source that is simply not there (as opposed to
 // present but malformed).
@@ -113,7 +111,7 @@ func (s Sources) hostFrom(src string) (string, error) {
 		if s.CmdlineHost == "" {
 			return "", fmt.Errorf("%w on the kernel command line", errAbsent)
 		}
-		if !hostIDRE.MatchString(s.CmdlineHost) {
+		if !keyproto.ValidHostID(s.CmdlineHost) {
 			return "", errors.New("malformed (not a valid host id)")
 		}
 		return s.CmdlineHost, nil
@@ -124,7 +122,7 @@ func (s Sources) hostFrom(src string) (string, error) {
 		}
 		id := strings.TrimSpace(string(v))
 		clear(v)
-		if !hostIDRE.MatchString(id) {
+		if !keyproto.ValidHostID(id) {
 			return "", errors.New("malformed (not a valid host id: letters, digits, . _ -, at most 128)")
 		}
 		return id, nil
@@ -138,7 +136,7 @@ func (s Sources) hostFrom(src string) (string, error) {
 			return "", err
 		}
 		id := strings.ToLower(strings.TrimSpace(string(b)))
-		if !hostIDRE.MatchString(id) {
+		if !keyproto.ValidHostID(id) {
 			return "", fmt.Errorf("%s holds no usable UUID", p)
 		}
 		// SMBIOS: all zeros means "not set", all ones "not present";

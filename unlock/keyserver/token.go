@@ -6,7 +6,7 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"fmt"
-	"regexp"
+	"github.com/unlockrd/unlockrd/unlock/keyproto"
 )
 
 // TokenBytes is the entropy of a bearer token.
@@ -48,14 +48,10 @@ func TokenMatches(hash []byte, token string) bool {
 // MaxHostIDLen is the longest host id.
 const MaxHostIDLen = 128
 
-// hostIDRE is the same rule the image configuration applies to host ids
-// (initramfs/config.ValidHostID): one URL path segment that needs no
-// escaping and can't be "." or "..".
-var hostIDRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
-
 // ValidHostID checks a host id; the error quotes it.
 func ValidHostID(id string) error {
-	if !hostIDRE.MatchString(id) {
+	// keyproto holds the one rule the builder, the init and the server share.
+	if !keyproto.ValidHostID(id) {
 		if len(id) > MaxHostIDLen {
 			return fmt.Errorf("invalid host id (%d bytes, at most %d)", len(id), MaxHostIDLen)
 		}

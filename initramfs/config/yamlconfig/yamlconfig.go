@@ -1,4 +1,7 @@
-package config
+// Package yamlconfig reads unlockrd.yaml (DESIGN §3) for the image
+// builder. It is host-only: the image embeds the validated configuration
+// as JSON, so the init never links a YAML parser.
+package yamlconfig
 
 import (
 	"bytes"
@@ -8,13 +11,14 @@ import (
 	"reflect"
 	"strings"
 
+	"github.com/unlockrd/unlockrd/initramfs/config"
 	"gopkg.in/yaml.v3"
 )
 
 // Parse reads a YAML configuration strictly: unknown keys, wrong types and
 // invalid values are errors naming the field. The result is normalized and
 // validated.
-func Parse(data []byte) (*Config, error) {
+func Parse(data []byte) (*config.Config, error) {
 	var root yaml.Node
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	if err := dec.Decode(&root); err != nil {
@@ -27,10 +31,10 @@ func Parse(data []byte) (*Config, error) {
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
 		return nil, errors.New("configuration holds more than one YAML document")
 	}
-	if err := checkKeys(&root, reflect.TypeOf(Config{}), ""); err != nil {
+	if err := checkKeys(&root, reflect.TypeOf(config.Config{}), ""); err != nil {
 		return nil, err
 	}
-	var c Config
+	var c config.Config
 	if err := root.Decode(&c); err != nil {
 		return nil, typeErr(err)
 	}
@@ -60,7 +64,7 @@ func checkKeys(n *yaml.Node, t reflect.Type, at string) error {
 			if n.Tag == "!!null" {
 				return nil
 			}
-			return &FieldError{Field: orTop(at), Msg: fmt.Sprintf("line %d: want a mapping", n.Line)}
+			return &config.FieldError{Field: orTop(at), Msg: fmt.Sprintf("line %d: want a mapping", n.Line)}
 		}
 		fields := map[string]reflect.StructField{}
 		for i := 0; i < t.NumField(); i++ {
@@ -77,10 +81,10 @@ func checkKeys(n *yaml.Node, t reflect.Type, at string) error {
 			p := join(at, k.Value)
 			f, ok := fields[k.Value]
 			if !ok {
-				return &FieldError{Field: p, Msg: fmt.Sprintf("line %d: unknown field", k.Line)}
+				return &config.FieldError{Field: p, Msg: fmt.Sprintf("line %d: unknown field", k.Line)}
 			}
 			if seen[k.Value] {
-				return &FieldError{Field: p, Msg: fmt.Sprintf("line %d: given twice", k.Line)}
+				return &config.FieldError{Field: p, Msg: fmt.Sprintf("line %d: given twice", k.Line)}
 			}
 			seen[k.Value] = true
 			if err := checkKeys(v, f.Type, p); err != nil {
@@ -88,7 +92,11 @@ func checkKeys(n *yaml.Node, t reflect.Type, at string) error {
 			}
 			// Decoding the field alone ties a type error to its path.
 			if err := v.Decode(reflect.New(f.Type).Interface()); err != nil {
-				return &FieldError{Field: p, Msg: strings.TrimPrefix(typeErr(err).Error(), "YAML: ")}
+				msg := strings.TrimPrefix(typeErr(err).Error(), "YAML: ")
+				if !strings.HasPrefix(msg, "line ") {
+					msg = fmt.Sprintf("line %d: %s", v.Line, msg)
+				}
+				return &config.FieldError{Field: p, Msg: msg}
 			}
 		}
 	case reflect.Slice:
@@ -124,59 +132,10 @@ func typeErr(err error) error {
 	if errors.As(err, &te) && len(te.Errors) > 0 {
 		return fmt.Errorf("YAML: %s", strings.Join(te.Errors, "; "))
 	}
-	var fe *FieldError
+	var fe *config.FieldError
 	if errors.As(err, &fe) {
 		return fe
 	}
 	return fmt.Errorf("YAML: %w", err)
 }
 
-// UnmarshalYAML reads "10s", "2m" or 0.
-func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
-	if n.Kind != yaml.ScalarNode {
-		return fmt.Errorf("line %d: want a duration like 10s", n.Line)
-	}
-	v, err := parseDuration(n.Value)
-	if err != nil {
-		return fmt.Errorf("line %d: %v", n.Line, err)
-	}
-	*d = v
-	return nil
-}
-
-// UnmarshalYAML accepts a scalar or a sequence of scalars.
-func (l *StringList) UnmarshalYAML(n *yaml.Node) error {
-	switch n.Kind {
-	case yaml.ScalarNode:
-		*l = StringList{n.Value}
-		return nil
-	case yaml.SequenceNode:
-		var s []string
-		if err := n.Decode(&s); err != nil {
-			return err
-		}
-		*l = s
-		return nil
-	}
-	return fmt.Errorf("line %d: want a string or a list of strings", n.Line)
-}
-
-// UnmarshalYAML reads true, false or random.
-func (m *SwapMode) UnmarshalYAML(n *yaml.Node) error {
-	if n.Kind != yaml.ScalarNode {
-		return fmt.Errorf("line %d: swap: want true, false or random", n.Line)
-	}
-	var v any
-	switch n.Value {
-	case "true":
-		v = true
-	case "false":
-		v = false
-	default:
-		v = n.Value
-	}
-	if err := m.set(v); err != nil {
-		return fmt.Errorf("line %d: %v", n.Line, err)
-	}
-	return nil
-}
