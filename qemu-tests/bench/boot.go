@@ -61,7 +61,7 @@ func benchBoot(ctx context.Context, r *report) error {
 	if err != nil {
 		return err
 	}
-	r.printf("image: %.2f MB (zstd), default modules %v", float64(st.Size())/1e6, harness.DefaultModules)
+	r.printf("image: %.2f MB (default compression), default modules %v", float64(st.Size())/1e6, harness.DefaultModules)
 
 	var inInitramfs, toInit []time.Duration
 	stages := map[string][]time.Duration{}
