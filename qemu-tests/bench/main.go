@@ -53,6 +53,7 @@ func main() {
 
 	sections := []section{
 		{"boot", benchBoot},
+		{"size", benchSize},
 		{"unlock", benchUnlock},
 		{"keyserver", benchKeyServer},
 		{"network", benchNetwork},

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
@@ -89,8 +90,10 @@ func benchNetwork(ctx context.Context, r *report) error {
 	if err != nil {
 		return err
 	}
-	linkRE := regexp.MustCompile(`^unlockrd: network: eth0: dhcp .*\(link up to configured ([0-9.]+)s\)$`)
-	stageRE := regexp.MustCompile(`^unlockrd: network: eth0 \S+ via dhcp \(([0-9.]+)s\)$`)
+	// No ^: with "quiet", the first console line follows the firmware's
+	// "Booting from ROM..." on the same line.
+	linkRE := regexp.MustCompile(`unlockrd: network: eth0: dhcp .*\(link up to configured ([0-9.]+)s\)$`)
+	stageRE := regexp.MustCompile(`unlockrd: network: eth0 \S+ via dhcp \(([0-9.]+)s\)$`)
 	var linkUp, stage []time.Duration
 	for i := 0; i < runs; i++ {
 		// No disk: the VM is stopped once the network stage has
@@ -104,7 +107,7 @@ func benchNetwork(ctx context.Context, r *report) error {
 		if err != nil {
 			return err
 		}
-		_, err = vm.ExpectLine(`^unlockrd: network: eth0 \S+ via dhcp`, 8*time.Minute)
+		_, err = vm.ExpectLine(`unlockrd: network: eth0 \S+ via dhcp`, 8*time.Minute)
 		lines := vm.Lines()
 		vm.Kill()
 		if err != nil {
@@ -120,7 +123,13 @@ func benchNetwork(ctx context.Context, r *report) error {
 			}
 		}
 		if l == 0 || s == 0 {
-			return fmt.Errorf("boot %d: no link or stage line with a duration", i+1)
+			var got []string
+			for _, ln := range lines {
+				if strings.Contains(ln.Text, "network") {
+					got = append(got, ln.Text)
+				}
+			}
+			return fmt.Errorf("boot %d: no link or stage line with a duration:\n%s", i+1, strings.Join(got, "\n"))
 		}
 		linkUp, stage = append(linkUp, l), append(stage, s)
 		r.printf("boot %d: link up -> configured %.2fs, network stage %.2fs", i+1, l.Seconds(), s.Seconds())
