@@ -56,6 +56,11 @@ type VMOptions struct {
 	// Concurrent skips the machine-wide lock that makes harness VMs run
 	// one at a time; set it on VMs a test runs side by side.
 	Concurrent bool
+	// NetBoot boots from the first NIC's option ROM (QEMU's iPXE, -boot n)
+	// instead of -kernel/-initrd: Kernel, Initramfs and Append are unused,
+	// and the first NIC's DHCP server must say what to boot (e.g. Netdev
+	// "user,tftp=DIR,bootfile=boot.ipxe" or bootfile=http://...).
+	NetBoot bool
 }
 
 // Drive is a raw disk image attached with if=virtio.
@@ -182,6 +187,9 @@ func (o *VMOptions) qemuArgs() []string {
 	if o.UUID != "" {
 		args = append(args, "-uuid", o.UUID)
 	}
+	if o.NetBoot {
+		args = append(args, "-boot", "n")
+	}
 	return append(args, o.QEMUArgs...)
 }
 
@@ -236,17 +244,23 @@ func Start(ctx context.Context, opts VMOptions, log io.Writer) (*VM, error) {
 	if err != nil {
 		return nil, err
 	}
-	if opts.Kernel == "" {
-		k, err := Kernel()
-		if err != nil {
-			return nil, err
+	var boot []string // files QEMU loads itself
+	if opts.NetBoot {
+		opts.Kernel, opts.Initramfs, opts.Append = "", "", nil
+	} else {
+		if opts.Kernel == "" {
+			k, err := Kernel()
+			if err != nil {
+				return nil, err
+			}
+			opts.Kernel = k.Vmlinuz
 		}
-		opts.Kernel = k.Vmlinuz
+		if opts.Initramfs == "" {
+			return nil, errors.New("harness: VMOptions.Initramfs is empty")
+		}
+		boot = []string{opts.Kernel, opts.Initramfs}
 	}
-	if opts.Initramfs == "" {
-		return nil, errors.New("harness: VMOptions.Initramfs is empty")
-	}
-	for _, p := range append([]string{opts.Kernel, opts.Initramfs}, drivePaths(opts.Disks)...) {
+	for _, p := range append(boot, drivePaths(opts.Disks)...) {
 		if _, err := os.Stat(p); err != nil {
 			return nil, fmt.Errorf("harness: VM %s: %w", opts.Name, err)
 		}
@@ -282,6 +296,9 @@ func Start(ctx context.Context, opts VMOptions, log io.Writer) (*VM, error) {
 	qctx, cancel := context.WithTimeout(ctx, timeout)
 	v.cancel = cancel
 	kargs := append([]string{"console=ttyS0", "panic=-1"}, opts.Append...)
+	if opts.NetBoot {
+		kargs = nil // the boot script passes the command line
+	}
 	v.start = time.Now()
 	qvm, err := qemu.StartContext(qctx, qemu.ArchAMD64,
 		qemu.WithQEMUCommand(qemuCmd),
