@@ -1,6 +1,7 @@
 package netboot
 
 import (
+	"fmt"
 	"path/filepath"
 	"slices"
 	"testing"
@@ -21,39 +22,46 @@ func BenchmarkUp(b *testing.B) {
 		name  string
 		ip    []string
 		setup func(n *testNet)
+		// perRun, when set, gives each iteration its own ip= values.
+		perRun func(i int) []string
 	}{
 		{"dhcp4", nil, func(n *testNet) {
 			dnsmasq(n.t, n.server("eth0", "52:54:00:77:09:10", "10.77.0.1/24"), reserved...)
-		}},
-		// dnsmasq pings a dynamic address before it offers it: what a
-		// first boot against such a server costs.
-		{"dhcp4-server-pings-first", nil, func(n *testNet) {
+		}, nil},
+		// dnsmasq pings a dynamic address before it offers it to a new
+		// client: what a first boot against such a server costs. Each
+		// run is a new client (ip= sets another MAC address).
+		{"dhcp4-new-client-server-pings", nil, func(n *testNet) {
 			dnsmasq(n.t, n.server("eth0", "52:54:00:77:09:12", "10.77.0.1/24"), "--dhcp-range=10.77.0.50,10.77.0.99,255.255.255.0,1h")
-		}},
+		}, func(i int) []string { return []string{fmt.Sprintf("eth0:dhcp::52-54-00-77-0a-%02x", i%256)} }},
 		{"dhcp4-race-first-link-silent", nil, func(n *testNet) {
 			n.server("eth0", "52:54:00:77:09:13", "10.78.0.1/24")
 			dnsmasq(n.t, n.server("eth1", "52:54:00:77:09:11", "10.77.0.1/24"), reserved...)
-		}},
+		}, nil},
 		{"static4", []string{"10.77.0.7::10.77.0.1:24::eth0:none"}, func(n *testNet) {
 			n.server("eth0", "", "10.77.0.1/24")
-		}},
+		}, nil},
 		{"static6", []string{"[fd00:77::7]::[fd00:77::1]:64::eth0:none"}, func(n *testNet) {
 			n.server("eth0", "", "fd00:77::1/64")
-		}},
+		}, nil},
 		{"dhcp6", []string{"eth0:dhcp6"}, func(n *testNet) {
 			dnsmasq(n.t, n.server("eth0", "", "fd00:77::1/64"), "--enable-ra", "--dhcp-range=fd00:77::100,fd00:77::1ff,64,1h")
-		}},
+		}, nil},
 		{"auto6", []string{"auto6"}, func(n *testNet) {
 			dnsmasq(n.t, n.server("eth0", "", "fd00:77::1/64"), "--enable-ra", "--dhcp-range=fd00:77::,ra-only,64,1h")
-		}},
+		}, nil},
 	}
 	for _, tc := range cases {
 		b.Run(tc.name, func(b *testing.B) {
 			n := newTestNet(b)
 			tc.setup(n)
 			var took []time.Duration
-			for b.Loop() {
-				c := startChild(b, n.client, childSpec{IP: tc.ip, ResolvConf: filepath.Join(b.TempDir(), "resolv.conf")})
+			for i := 0; b.Loop(); i++ {
+				ip := tc.ip
+				if tc.perRun != nil {
+					ip = tc.perRun(i)
+				}
+				c := startChild(b, n.client, childSpec{IP: ip, ResolvConf: filepath.Join(b.TempDir(), "resolv.conf")})
 				took = append(took, c.up().Took)
 				c.teardown()
 			}

@@ -2,6 +2,7 @@ package netboot
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -24,6 +25,7 @@ import (
 // RDNSS/DNSSL options.
 func (u *upper) slaac(ctx context.Context, a *applied, spec ipconf.Link) (*methodResult, error) {
 	start := time.Now()
+	u.solicitRouter(a)
 	var got []netip.Prefix
 	for {
 		addrs, err := netlink.AddrList(a.link, netlink.FAMILY_V6)
@@ -63,6 +65,7 @@ func (u *upper) slaac(ctx context.Context, a *applied, spec ipconf.Link) (*metho
 // handles; we wait a little for it so that the key server is reachable.
 func (u *upper) dhcp6(ctx context.Context, a *applied, spec ipconf.Link) (*methodResult, error) {
 	start := time.Now()
+	u.solicitRouter(a)
 	ll, err := waitLinkLocal(ctx, a)
 	if err != nil {
 		return nil, fmt.Errorf("DHCPv6: %w", err)
@@ -174,6 +177,78 @@ func (u *upper) dhcp6(ctx context.Context, a *applied, spec ipconf.Link) (*metho
 		res.detail += " from server " + sid.String()
 	}
 	return res, nil
+}
+
+// solicitRouter sends one router solicitation at once. The kernel sends
+// its own only once the link-local address has passed duplicate address
+// detection, a second or more after the link comes up; routers answer
+// any solicitation, and the kernel processes the advertisement whoever
+// asked. It is sent from the unspecified address, so that the router
+// answers to all nodes: a unicast answer to our optimistic link-local
+// address would wait for neighbour discovery, which an optimistic
+// address does not answer (RFC 4429). Best effort: the kernel's own
+// solicitations follow anyway.
+func (u *upper) solicitRouter(a *applied) {
+	mac := a.link.Attrs().HardwareAddr
+	if l, err := netlink.LinkByIndex(a.index); err == nil {
+		mac = l.Attrs().HardwareAddr
+	}
+	if err := sendRS(a.index, mac); err != nil {
+		u.debugf("%s: router solicitation: %v", a.name, err)
+	}
+}
+
+func sendRS(ifindex int, mac net.HardwareAddr) error {
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	frame := rsFrame(mac)
+	to := &unix.SockaddrLinklayer{Ifindex: ifindex, Halen: 6, Protocol: htons(unix.ETH_P_IPV6)}
+	copy(to.Addr[:], frame[:6])
+	return unix.Sendto(fd, frame, 0, to)
+}
+
+// rsFrame is an Ethernet frame holding a router solicitation from :: to
+// all routers (ff02::2), hop limit 255, without options.
+func rsFrame(src net.HardwareAddr) []byte {
+	allRouters := [16]byte{0xff, 0x02, 15: 2}
+	f := make([]byte, 14+40+8)
+	copy(f[0:6], []byte{0x33, 0x33, 0, 0, 0, 2})
+	copy(f[6:12], src)
+	binary.BigEndian.PutUint16(f[12:14], unix.ETH_P_IPV6)
+	ip := f[14:54]
+	ip[0] = 6 << 4
+	binary.BigEndian.PutUint16(ip[4:6], 8) // payload length
+	ip[6] = unix.IPPROTO_ICMPV6
+	ip[7] = 255
+	copy(ip[24:40], allRouters[:]) // source stays ::
+	icmp := f[54:]
+	icmp[0] = 133 // router solicitation
+	// Checksum over the pseudo-header (source, destination, length, next
+	// header) and the message.
+	var sum uint32
+	add := func(b []byte) {
+		for i := 0; i+1 < len(b); i += 2 {
+			sum += uint32(binary.BigEndian.Uint16(b[i:]))
+		}
+	}
+	add(ip[8:40])
+	sum += 8 + unix.IPPROTO_ICMPV6
+	add(icmp)
+	for sum>>16 != 0 {
+		sum = sum&0xffff + sum>>16
+	}
+	binary.BigEndian.PutUint16(icmp[2:4], ^uint16(sum))
+	return f
+}
+
+// htons puts v in network byte order, as sockaddr_ll wants its protocol.
+func htons(v uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], v)
+	return binary.NativeEndian.Uint16(b[:])
 }
 
 // checkReply6 refuses replies without an address.

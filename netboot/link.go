@@ -40,11 +40,12 @@ func isEthernet(l netlink.Link) bool {
 	return l.Type() == "device" || l.Type() == "veth"
 }
 
-// waitCarrier waits until the link has carrier (IFF_LOWER_UP) and the
-// kernel has noticed (IFF_RUNNING, operstate up): the kernel attaches the
-// link's transmit queue in the same deferred step that sets the
-// operstate, and until then it drops what is sent, such as a first DHCP
-// DISCOVER, which would then cost a retransmission.
+// waitCarrier waits until the link has carrier (IFF_LOWER_UP) and can
+// send: until the kernel attaches the link's transmit queue discipline
+// (at once when the link comes up with carrier, else in a deferred step
+// that also sets IFF_RUNNING and is rate-limited to once a second) it
+// drops what is sent, such as a first DHCP DISCOVER, which would then
+// cost a retransmission.
 func waitCarrier(ctx context.Context, a *applied, timeout time.Duration) error {
 	start := time.Now()
 	for {
@@ -52,7 +53,7 @@ func waitCarrier(ctx context.Context, a *applied, timeout time.Duration) error {
 		if err != nil {
 			return fmt.Errorf("link vanished: %w", err)
 		}
-		if f := l.Attrs().RawFlags; f&unix.IFF_LOWER_UP != 0 && f&unix.IFF_RUNNING != 0 {
+		if f := l.Attrs().RawFlags; f&unix.IFF_LOWER_UP != 0 && (f&unix.IFF_RUNNING != 0 || txReady(l)) {
 			return nil
 		}
 		if time.Since(start) >= timeout {
@@ -62,6 +63,21 @@ func waitCarrier(ctx context.Context, a *applied, timeout time.Duration) error {
 			return fmt.Errorf("no carrier yet after %.2fs: %w", time.Since(start).Seconds(), err)
 		}
 	}
+}
+
+// txReady reports whether the link's root queue discipline is attached:
+// "noop" is the placeholder that drops everything.
+func txReady(l netlink.Link) bool {
+	qs, err := netlink.QdiscList(l)
+	if err != nil {
+		return false
+	}
+	for _, q := range qs {
+		if q.Attrs().Parent == netlink.HANDLE_ROOT && q.Type() != "noop" {
+			return true
+		}
+	}
+	return false
 }
 
 // validDomain accepts a DNS name made of letters, digits, hyphens and

@@ -131,8 +131,8 @@ func Up(ctx context.Context, cfg Config, log Logger) (*Result, error) {
 			ns = append(ns, a)
 		}
 	}
-	if plan.None {
-		log.Printf("ip=none: no link configured")
+	if plan.None || !slices.ContainsFunc(plan.Links, func(l ipconf.Link) bool { return !l.Off }) {
+		log.Printf("ip=%s: no link configured", strings.Join(cfg.IP, " ip="))
 		return &Result{Method: "none"}, nil
 	}
 	if err := loUp(); err != nil {

@@ -276,7 +276,11 @@ func (r routeState) String() string {
 	if r.Gateway != "" {
 		s += " via " + r.Gateway
 	}
-	return s + " dev " + r.Dev
+	s += " dev " + r.Dev
+	if slices.Contains(r.Flags, "onlink") {
+		s += " onlink"
+	}
+	return s
 }
 
 type nsState struct {
@@ -585,6 +589,28 @@ func TestIntegrationStaticWithoutDHCP(t *testing.T) {
 	}
 }
 
+// A /32 address with a gateway outside it, as some clouds hand out: the
+// gateway is reached on-link.
+func TestIntegrationStaticOnLinkGateway(t *testing.T) {
+	n := newTestNet(t)
+	srv := n.server("eth0", "", "172.31.1.1/32")
+	if err := srv.IP("route", "add", "203.0.113.7/32", "dev", "s0"); err != nil {
+		t.Fatal(err)
+	}
+	c := startChild(t, n.client, childSpec{IP: []string{"203.0.113.7::172.31.1.1:255.255.255.255::eth0:none"},
+		ResolvConf: filepath.Join(t.TempDir(), "resolv.conf")})
+	c.up()
+	st := state(t, n.client)
+	if !slices.Contains(st.routes, "default via 172.31.1.1 dev eth0 onlink") {
+		t.Errorf("routes %q lack an on-link default route via 172.31.1.1", st.routes)
+	}
+	reach(t, n.client, srv, "172.31.1.1")
+	c.teardown()
+	if st := state(t, n.client); len(st.routes) != 0 || len(st.links["eth0"].global()) != 0 {
+		t.Errorf("after teardown: routes %q addresses %v", st.routes, st.links["eth0"].global())
+	}
+}
+
 func TestIntegrationDHCPv6(t *testing.T) {
 	n := newTestNet(t)
 	srv := n.server("eth0", "52:54:00:77:04:10", "fd00:77::1/64")
@@ -689,5 +715,22 @@ func TestIntegrationNoCarrierIsBounded(t *testing.T) {
 	}
 	if st := state(t, n.client); st.links["eth0"].up() {
 		t.Errorf("eth0 left up after giving up")
+	}
+}
+
+func TestIntegrationNoneLeavesLinksAlone(t *testing.T) {
+	for _, ip := range [][]string{{"none"}, {"eth0:off"}} {
+		n := newTestNet(t)
+		srv := n.server("eth0", "", "10.77.0.1/24")
+		dnsmasq(t, srv, dhcp4Server...)
+		c := startChild(t, n.client, childSpec{IP: ip, ResolvConf: filepath.Join(t.TempDir(), "resolv.conf")})
+		r := c.up()
+		if r.Link != "" || r.Method != "none" || r.String != "no link configured (ip=none)" {
+			t.Errorf("ip=%s: result %+v, want no link", ip, r)
+		}
+		if st := state(t, n.client); st.links["eth0"].up() {
+			t.Errorf("ip=%s: eth0 was brought up", ip)
+		}
+		c.teardown()
 	}
 }

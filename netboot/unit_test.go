@@ -1,6 +1,7 @@
 package netboot
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -283,5 +284,39 @@ func TestResultString(t *testing.T) {
 	}
 	if err := (*Result)(nil).Teardown(); err != nil {
 		t.Errorf("nil Teardown: %v", err)
+	}
+}
+
+func TestRouterSolicitationFrame(t *testing.T) {
+	mac := net.HardwareAddr{0x52, 0x54, 0, 0x12, 0x34, 0x56}
+	f := rsFrame(mac)
+	if len(f) != 62 || !bytes.Equal(f[0:6], []byte{0x33, 0x33, 0, 0, 0, 2}) || !bytes.Equal(f[6:12], mac) ||
+		binary.BigEndian.Uint16(f[12:14]) != 0x86dd {
+		t.Fatalf("Ethernet header % x", f[:14])
+	}
+	ip := f[14:54]
+	if ip[0]>>4 != 6 || binary.BigEndian.Uint16(ip[4:6]) != 8 || ip[6] != 58 || ip[7] != 255 ||
+		netip.AddrFrom16([16]byte(ip[8:24])) != netip.IPv6Unspecified() ||
+		netip.AddrFrom16([16]byte(ip[24:40])) != netip.MustParseAddr("ff02::2") {
+		t.Fatalf("IPv6 header % x", ip)
+	}
+	if f[54] != 133 || f[55] != 0 {
+		t.Fatalf("ICMPv6 type/code %d/%d", f[54], f[55])
+	}
+	// The one's complement sum over pseudo-header and message, checksum
+	// included, is all ones.
+	var sum uint32
+	for i := 8; i < 40; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(ip[i:]))
+	}
+	sum += 8 + 58
+	for i := 54; i < 62; i += 2 {
+		sum += uint32(binary.BigEndian.Uint16(f[i:]))
+	}
+	for sum>>16 != 0 {
+		sum = sum&0xffff + sum>>16
+	}
+	if sum != 0xffff {
+		t.Errorf("ICMPv6 checksum does not verify (sum %#x)", sum)
 	}
 }

@@ -196,6 +196,7 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 			devTimeout = cfg.Boot.DeviceTimeout
 		}
 		pr.err = r.stage(ctx, "devices", devTimeout, func(ctx context.Context) (string, error) {
+			var err error
 			pr.root, pr.vols, err = r.prepare(ctx)
 			if err != nil {
 				return "", err
