@@ -138,4 +138,3 @@ func typeErr(err error) error {
 	}
 	return fmt.Errorf("YAML: %w", err)
 }
-
