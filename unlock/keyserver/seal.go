@@ -176,6 +176,21 @@ func CreateMasterKey(path string) ([]byte, error) {
 // existing file (os.ErrExist then): written under a temporary name, synced,
 // hard-linked into place, and the directory synced.
 func writeNew(path string, data []byte, perm os.FileMode) error {
+	return install(path, data, perm, func(tmp, path string) error {
+		if err := os.Link(tmp, path); err != nil {
+			if errors.Is(err, os.ErrExist) {
+				return os.ErrExist
+			}
+			return err
+		}
+		return nil
+	})
+}
+
+// install writes data to a synced temporary file beside path, puts it in
+// place with place (link: never replace; rename: replace atomically), and
+// syncs the directory so the new name survives a crash.
+func install(path string, data []byte, perm os.FileMode, place func(tmp, path string) error) error {
 	dir := filepath.Dir(path)
 	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".new-*")
 	if err != nil {
@@ -197,10 +212,7 @@ func writeNew(path string, data []byte, perm os.FileMode) error {
 	if err := tmp.Close(); err != nil {
 		return err
 	}
-	if err := os.Link(tmp.Name(), path); err != nil {
-		if errors.Is(err, os.ErrExist) {
-			return os.ErrExist
-		}
+	if err := place(tmp.Name(), path); err != nil {
 		return err
 	}
 	return syncDir(dir)
