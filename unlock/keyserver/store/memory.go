@@ -79,14 +79,10 @@ func (m *Memory) Update(ctx context.Context, id string, fn func(h *Host) error) 
 	if !ok {
 		return Host{}, fmt.Errorf("host %q: %w", id, ErrNotFound)
 	}
-	h := cur.Clone()
-	if err := fn(&h); err != nil {
+	h, err := ApplyUpdate(cur, fn)
+	if err != nil {
 		return Host{}, err
 	}
-	if h.ID != id {
-		return Host{}, fmt.Errorf("host %q: update may not change the id to %q", id, h.ID)
-	}
-	h.Version = cur.Version + 1
 	m.hosts[id] = h.Clone()
 	return h, nil
 }

@@ -10,6 +10,7 @@ package store
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"time"
 )
@@ -57,6 +58,21 @@ func (h Host) Clone() Host {
 		c.Keys[i].Sealed = slices.Clone(k.Sealed)
 	}
 	return c
+}
+
+// ApplyUpdate is the read-modify-write step every Store's Update shares:
+// fn changes a copy of cur, which must keep its id, and the result gets the
+// next version.
+func ApplyUpdate(cur Host, fn func(h *Host) error) (Host, error) {
+	h := cur.Clone()
+	if err := fn(&h); err != nil {
+		return Host{}, err
+	}
+	if h.ID != cur.ID {
+		return Host{}, fmt.Errorf("host %q: update may not change the id to %q", cur.ID, h.ID)
+	}
+	h.Version = cur.Version + 1
+	return h, nil
 }
 
 // Errors a Store wraps, so callers can map them to answers with errors.Is.

@@ -412,14 +412,10 @@ func (s *Store) Update(ctx context.Context, id string, fn func(h *store.Host) er
 		if err != nil {
 			return err
 		}
-		h := cur.Clone()
-		if err := fn(&h); err != nil {
+		h, err := store.ApplyUpdate(cur, fn)
+		if err != nil {
 			return err
 		}
-		if h.ID != id {
-			return fmt.Errorf("host %q: update may not change the id to %q", id, h.ID)
-		}
-		h.Version = cur.Version + 1
 		val, err := json.Marshal(h)
 		if err != nil {
 			return fmt.Errorf("host %q: encode: %w", id, err)
