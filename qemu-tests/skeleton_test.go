@@ -38,26 +38,17 @@ type skeleton struct {
 
 func newSkeleton(t *testing.T, ctx context.Context) *skeleton {
 	t.Helper()
-	b, err := harness.Binaries(ctx)
+	s := &skeleton{dir: t.TempDir(), uuid: randomUUID(t)}
+	e, err := harness.Enroll(ctx, s.dir, s.uuid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &skeleton{bins: b, dir: t.TempDir(), uuid: randomUUID(t)}
-	s.data = filepath.Join(s.dir, "keyserver")
-	if _, err := harness.NewKeyServerData(ctx, b.KeyServer, s.data); err != nil {
-		t.Fatal(err)
-	}
-	if s.token, err = harness.AddHost(ctx, b.KeyServer, s.data, s.uuid, nil); err != nil {
-		t.Fatal(err)
-	}
-	// The operator's flow: take the host's key from the server and format
-	// the volumes with it.
-	if s.key, err = harness.HostKey(ctx, b.KeyServer, s.data, s.uuid); err != nil {
-		t.Fatal(err)
-	}
+	s.bins, s.data, s.token, s.key = e.Bins, e.Data, e.Token, e.Key
 	if len(s.key) != 32 {
 		t.Fatalf("host key is %d bytes, want 32", len(s.key))
 	}
+	// The operator's flow: the volumes are formatted with the key taken
+	// from the server.
 	if s.fx, err = harness.NewFixture(ctx, s.dir, s.key); err != nil {
 		t.Fatal(err)
 	}

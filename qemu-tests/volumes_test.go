@@ -32,21 +32,12 @@ type volSetup struct {
 
 func newVolSetup(t *testing.T, ctx context.Context, layout func(key, hello []byte) harness.Disk) *volSetup {
 	t.Helper()
-	b, err := harness.Binaries(ctx)
+	s := &volSetup{dir: t.TempDir(), uuid: randomUUID(t)}
+	e, err := harness.Enroll(ctx, s.dir, s.uuid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &volSetup{bins: b, dir: t.TempDir(), uuid: randomUUID(t)}
-	s.data = filepath.Join(s.dir, "keyserver")
-	if _, err := harness.NewKeyServerData(ctx, b.KeyServer, s.data); err != nil {
-		t.Fatal(err)
-	}
-	if s.token, err = harness.AddHost(ctx, b.KeyServer, s.data, s.uuid, nil); err != nil {
-		t.Fatal(err)
-	}
-	if s.key, err = harness.HostKey(ctx, b.KeyServer, s.data, s.uuid); err != nil {
-		t.Fatal(err)
-	}
+	s.bins, s.data, s.token, s.key = e.Bins, e.Data, e.Token, e.Key
 	s.hello = []byte("hello from the volumes test " + s.uuid + "\n")
 	if s.disk, err = layout(s.key, s.hello).Build(ctx, s.dir); err != nil {
 		t.Fatal(err)

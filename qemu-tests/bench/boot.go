@@ -29,29 +29,18 @@ func benchBoot(ctx context.Context, r *report) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	bins, err := harness.Binaries(ctx)
-	if err != nil {
-		return err
-	}
-	data := filepath.Join(dir, "keyserver")
 	host := "bench-host"
-	if _, err := harness.NewKeyServerData(ctx, bins.KeyServer, data); err != nil {
-		return err
-	}
-	token, err := harness.AddHost(ctx, bins.KeyServer, data, host, nil)
+	e, err := harness.Enroll(ctx, dir, host)
 	if err != nil {
 		return err
 	}
-	key, err := harness.HostKey(ctx, bins.KeyServer, data, host)
-	if err != nil {
-		return err
-	}
-	srv, err := harness.StartKeyServer(ctx, bins.KeyServer, data, "", nil)
+	token, key := e.Token, e.Key
+	srv, err := e.Serve(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer srv.Stop()
-	img, err := harness.BuildImage(ctx, bins, harness.ImageConfig{
+	img, err := harness.BuildImage(ctx, e.Bins, harness.ImageConfig{
 		URLs: []string{srv.GuestURL()}, Pins: []string{srv.Pin}, Host: "cmdline",
 	}, dir)
 	if err != nil {

@@ -66,25 +66,18 @@ func benchNetwork(ctx context.Context, r *report) error {
 	}
 
 	// Inside QEMU: the default configuration (DHCP on every link).
-	bins, err := harness.Binaries(ctx)
-	if err != nil {
-		return err
-	}
-	data := filepath.Join(dir, "keyserver")
 	host := "bench-net-host"
-	if _, err := harness.NewKeyServerData(ctx, bins.KeyServer, data); err != nil {
-		return err
-	}
-	token, err := harness.AddHost(ctx, bins.KeyServer, data, host, nil)
+	e, err := harness.Enroll(ctx, dir, host)
 	if err != nil {
 		return err
 	}
-	srv, err := harness.StartKeyServer(ctx, bins.KeyServer, data, "", nil)
+	token := e.Token
+	srv, err := e.Serve(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer srv.Stop()
-	img, err := harness.BuildImage(ctx, bins, harness.ImageConfig{
+	img, err := harness.BuildImage(ctx, e.Bins, harness.ImageConfig{
 		URLs: []string{srv.GuestURL()}, Pins: []string{srv.Pin}, Host: "cmdline",
 	}, dir)
 	if err != nil {

@@ -54,31 +54,18 @@ func run(ctx context.Context, keep, verbose bool, extra []string) error {
 		defer os.RemoveAll(dir)
 	}
 
-	say("building unlockrd-init, mkunlockrd and unlockrd-keyserver")
-	bins, err := harness.Binaries(ctx)
-	if err != nil {
-		return err
-	}
 	k, err := harness.Kernel()
 	if err != nil {
 		return err
 	}
-
-	data := filepath.Join(dir, "keyserver")
 	hostID := uuid()
-	say("key server: creating its TLS key and master key in %s", data)
-	if _, err := harness.NewKeyServerData(ctx, bins.KeyServer, data); err != nil {
-		return err
-	}
-	token, err := harness.AddHost(ctx, bins.KeyServer, data, hostID, nil)
+	say("building unlockrd-init, mkunlockrd and unlockrd-keyserver; creating the key server's TLS key and master key")
+	e, err := harness.Enroll(ctx, dir, hostID)
 	if err != nil {
 		return err
 	}
-	key, err := harness.HostKey(ctx, bins.KeyServer, data, hostID)
-	if err != nil {
-		return err
-	}
-	say("enrolled host %s (its token goes to the VM as an SMBIOS credential)", hostID)
+	bins, token, key := e.Bins, e.Token, e.Key
+	say("enrolled host %s in %s (its token goes to the VM as an SMBIOS credential)", hostID, e.Data)
 
 	say("building the VM disk: GPT with root (ext4), data (LUKS2 + ext4), swap (LUKS2)")
 	fx, err := harness.NewFixture(ctx, dir, key)
@@ -87,7 +74,7 @@ func run(ctx context.Context, keep, verbose bool, extra []string) error {
 		return err
 	}
 
-	srv, err := harness.StartKeyServer(ctx, bins.KeyServer, data, "", prefixWriter("    keyserver | "))
+	srv, err := e.Serve(ctx, prefixWriter("    keyserver | "))
 	if err != nil {
 		return err
 	}

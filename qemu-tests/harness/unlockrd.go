@@ -104,6 +104,43 @@ func NewKeyServerData(ctx context.Context, bin, dir string) (string, error) {
 	return strings.TrimSpace(string(out)), err
 }
 
+// Enrolled is a key server data folder with one host enrolled: what every
+// boot test, the demo and the benchmarks start from.
+type Enrolled struct {
+	Bins  *Bins
+	Data  string // the key server's data folder
+	Host  string
+	Token string
+	// Key is the host's current key, as the operator takes it from the
+	// server (`host key`) to format the volumes.
+	Key []byte
+}
+
+// Enroll builds the binaries, initialises a key server data folder in
+// dir/keyserver and enrols host.
+func Enroll(ctx context.Context, dir, host string) (*Enrolled, error) {
+	b, err := Binaries(ctx)
+	if err != nil {
+		return nil, err
+	}
+	e := &Enrolled{Bins: b, Data: filepath.Join(dir, "keyserver"), Host: host}
+	if _, err := NewKeyServerData(ctx, b.KeyServer, e.Data); err != nil {
+		return nil, err
+	}
+	if e.Token, err = AddHost(ctx, b.KeyServer, e.Data, host, nil); err != nil {
+		return nil, err
+	}
+	if e.Key, err = HostKey(ctx, b.KeyServer, e.Data, host); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+// Serve starts the key server on e's data folder (see StartKeyServer).
+func (e *Enrolled) Serve(ctx context.Context, log io.Writer, extra ...string) (*KeyServer, error) {
+	return StartKeyServer(ctx, e.Bins.KeyServer, e.Data, "", log, extra...)
+}
+
 // StartKeyServer runs `unlockrd-keyserver serve` on a free loopback port
 // (addr "" picks one) and waits until it prints its pin. extra arguments
 // go to serve. Output goes to log (and is kept for Logs).
