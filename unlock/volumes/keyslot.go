@@ -15,6 +15,7 @@ import (
 	"hash"
 	"io"
 	"os"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -96,12 +97,35 @@ func deriveKDF(k KDF, pass []byte, n int) ([]byte, error) {
 			return nil, fmt.Errorf("%s needs %d MiB of memory, only %d MiB available", k.Type, k.Memory>>10, avail>>10)
 		}
 		defer debug.FreeOSMemory()
+		prefault(int(k.Memory) << 10)
 		if k.Type == "argon2i" {
 			return argon2.Key(pass, k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)), nil
 		}
 		return argon2.IDKey(pass, k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)), nil
 	}
 	return nil, fmt.Errorf("KDF %q", k.Type)
+}
+
+// prefault writes to n bytes of fresh heap and frees them again, so that
+// the argon2 allocation that follows reuses pages already backed by RAM.
+//
+// x/crypto/argon2 XORs each new block into its memory even on the first
+// pass, so on fresh memory every page takes two faults: a read (mapping
+// the shared zero page), then a copy-on-write. Writing first takes one,
+// and the runtime then clears the reused pages without faulting. Measured
+// (256 MiB, 14 passes, 2 lanes): 131k faults and ~2.3 s become 65k and
+// ~1.8 s, against cryptsetup's ~2.1 s on the same slot.
+func prefault(n int) {
+	if n < 16<<20 {
+		return // small slots: not worth a GC
+	}
+	b := make([]byte, n)
+	for i := 0; i < len(b); i += 4096 {
+		b[i] = 1
+	}
+	runtime.KeepAlive(b)
+	b = nil
+	runtime.GC()
 }
 
 // memAvailableKiB reads MemAvailable from /proc/meminfo.
