@@ -9,6 +9,7 @@ package store
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
@@ -73,6 +74,20 @@ func ApplyUpdate(cur Host, fn func(h *Host) error) (Host, error) {
 	}
 	h.Version = cur.Version + 1
 	return h, nil
+}
+
+// EncodeNew is the first version of a new record, encoded as the stores
+// keep it (JSON).
+func EncodeNew(h Host) (Host, []byte, error) {
+	if h.ID == "" {
+		return Host{}, nil, errors.New("create host: empty id")
+	}
+	h.Version = 1
+	val, err := json.Marshal(h)
+	if err != nil {
+		return Host{}, nil, fmt.Errorf("host %q: encode: %w", h.ID, err)
+	}
+	return h, val, nil
 }
 
 // Errors a Store wraps, so callers can map them to answers with errors.Is.

@@ -325,13 +325,9 @@ func (s *Store) List(ctx context.Context) ([]store.Host, error) {
 
 // Create implements store.Store.
 func (s *Store) Create(ctx context.Context, h store.Host) error {
-	if h.ID == "" {
-		return errors.New("create host: empty id")
-	}
-	h.Version = 1
-	val, err := json.Marshal(h)
+	h, val, err := store.EncodeNew(h)
 	if err != nil {
-		return fmt.Errorf("host %q: encode: %w", h.ID, err)
+		return err
 	}
 	key := s.hostKey(h.ID)
 	unsure := false
