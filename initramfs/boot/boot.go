@@ -263,11 +263,12 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 
 	var opened []volumes.Opened
 	pending := pr.vols
-	for round := 0; ; round++ {
+	for {
 		var ks *keys.Keys
 		// No stage deadline: Fetch enforces give_up_after itself, so that
 		// it can say so (and the host reboots on keys.ErrGaveUp).
 		err := r.stage(ctx, "key", 0, func(ctx context.Context) (string, error) {
+			var err error
 			ks, err = keys.Fetch(ctx, keys.Config{
 				URLs:           cfg.Key.URLs,
 				Pins:           pins,
@@ -282,10 +283,11 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 			return fmt.Sprintf("%d key(s) for host %s from %s", len(ks.Keys), host, ks.Server), nil
 		})
 		if err != nil {
-			return &Fatal{Err: err, Reboot: errors.Is(err, keys.ErrGaveUp) || errors.Is(err, context.DeadlineExceeded)}
+			return &Fatal{Err: err, Reboot: errors.Is(err, keys.ErrGaveUp)}
 		}
 		var got []volumes.Opened
 		err = r.stage(ctx, "volumes", 0, func(ctx context.Context) (string, error) {
+			var err error
 			got, err = volumes.Unlock(ctx, pending, ks.Keys, volumes.Options{}, prefixed{r.con, "volumes"})
 			if err != nil {
 				return "", err
@@ -309,6 +311,8 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 		r.con.Printf("%v; fetching the key again in %.1fs", err, wait.Seconds())
 		time.Sleep(wait)
 	}
+	// Wiped here, not only by the deferred clear: on success this function
+	// ends in exec, and deferred calls never run.
 	clear(token)
 
 	for _, v := range opened {
