@@ -24,7 +24,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/unlockrd/unlockrd/initramfs/image"
+	"github.com/unlockrd/unlockrd/initramfs/host/image"
+	"github.com/unlockrd/unlockrd/netboot/host/pxe"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
@@ -351,12 +352,12 @@ func netboot(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return err
 	}
 	start := time.Now()
-	rep, err := image.Netboot(ctx, image.NetbootOptions{Options: o, Kernel: kernel, Dir: dir, Append: appendArgs})
+	rep, err := pxe.Write(ctx, pxe.Options{Options: o, Kernel: kernel, Dir: dir, Append: appendArgs})
 	if err != nil {
 		return err
 	}
 	printReport(stdout, rep.Report, o.Init, time.Since(start))
 	fmt.Fprintf(stdout, "kernel %s (%s), script %s:\n  kernel %s %s\n",
-		rep.Kernel, rep.KernelRelease, rep.Script, image.NetbootKernel, rep.Cmdline)
+		rep.Kernel, rep.KernelRelease, rep.Script, pxe.KernelFile, rep.Cmdline)
 	return nil
 }

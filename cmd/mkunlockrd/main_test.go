@@ -18,7 +18,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/unlockrd/unlockrd/initramfs/image"
+	"github.com/unlockrd/unlockrd/initramfs/host/image"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 

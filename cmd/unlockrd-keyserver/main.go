@@ -8,7 +8,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/unlockrd/unlockrd/unlock/keyserver/cli"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/cli"
 )
 
 func main() {

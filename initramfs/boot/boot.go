@@ -15,10 +15,10 @@ import (
 
 	"github.com/unlockrd/unlockrd/initramfs/config"
 	"github.com/unlockrd/unlockrd/initramfs/modload"
-	"github.com/unlockrd/unlockrd/netboot"
+	"github.com/unlockrd/unlockrd/initramfs/sysroot"
+	"github.com/unlockrd/unlockrd/netboot/netup"
 	"github.com/unlockrd/unlockrd/unlock/keys"
 	"github.com/unlockrd/unlockrd/unlock/pin"
-	"github.com/unlockrd/unlockrd/unlock/sysroot"
 	"github.com/unlockrd/unlockrd/unlock/volumes"
 	"golang.org/x/sys/unix"
 )
@@ -206,9 +206,9 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 		prepDone <- pr
 	}()
 
-	var net *netboot.Result
+	var net *netup.Result
 	err = r.stage(ctx, "network", o.Timeouts.Network, func(ctx context.Context) (string, error) {
-		n, err := netboot.Up(ctx, netboot.Config{
+		n, err := netup.Up(ctx, netup.Config{
 			IP:            cfg.Network.IP,
 			Nameservers:   cfg.Boot.Nameservers,
 			LinkTimeout:   o.Timeouts.Link,

@@ -3,7 +3,7 @@ package config_test
 import (
 	"errors"
 	"github.com/unlockrd/unlockrd/initramfs/config"
-	"github.com/unlockrd/unlockrd/initramfs/config/yamlconfig"
+	"github.com/unlockrd/unlockrd/initramfs/host/yamlconfig"
 	"strings"
 	"testing"
 	"time"

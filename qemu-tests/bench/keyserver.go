@@ -25,8 +25,8 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver"
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
-	"github.com/unlockrd/unlockrd/unlock/keyserver"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 

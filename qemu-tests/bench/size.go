@@ -11,7 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/unlockrd/unlockrd/initramfs/image"
+	"github.com/unlockrd/unlockrd/initramfs/host/image"
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
 )
 

@@ -1,103 +1,29 @@
 package harness
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
+
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
 
-// ModulePath is the Go module whose root holds .cache/kernel and the test
+// ModulePath is the Go module whose root holds .cache/ and the test
 // init's source.
-const ModulePath = "github.com/unlockrd/unlockrd"
+const ModulePath = kernelcache.ModulePath
 
-var moduleRoot = sync.OnceValues(findModuleRoot)
-
-// ModuleRoot returns the directory of unlockrd's go.mod. Tests run in
-// their package directory and the demo from anywhere inside the checkout,
-// so it walks up from the working directory and falls back to `go env
-// GOMOD` (which also honours a go.work).
-func ModuleRoot() (string, error) {
-	return moduleRoot()
-}
-
-func findModuleRoot() (string, error) {
-	if wd, err := os.Getwd(); err == nil {
-		for dir := wd; ; dir = filepath.Dir(dir) {
-			if isModuleRoot(dir) {
-				return dir, nil
-			}
-			if dir == filepath.Dir(dir) {
-				break
-			}
-		}
-	}
-	out, err := exec.Command("go", "env", "GOMOD").Output()
-	if err == nil {
-		if gomod := strings.TrimSpace(string(out)); gomod != "" && gomod != os.DevNull {
-			if dir := filepath.Dir(gomod); isModuleRoot(dir) {
-				return dir, nil
-			}
-		}
-	}
-	return "", fmt.Errorf("harness: no go.mod of %s above the working directory: run from inside the unlockrd checkout", ModulePath)
-}
-
-func isModuleRoot(dir string) bool {
-	f, err := os.Open(filepath.Join(dir, "go.mod"))
-	if err != nil {
-		return false
-	}
-	defer f.Close()
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		if f := strings.Fields(s.Text()); len(f) == 2 && f[0] == "module" {
-			return strings.Trim(f[1], `"`) == ModulePath
-		}
-	}
-	return false
-}
+// ModuleRoot returns the directory of unlockrd's go.mod.
+func ModuleRoot() (string, error) { return kernelcache.ModuleRoot() }
 
 // KernelFiles is the cached Debian kernel that `make kernel` fetches.
-type KernelFiles struct {
-	// Vmlinuz is the bzImage QEMU boots with -kernel.
-	Vmlinuz string
-	// Modules is the module tree, i.e. lib/modules/<Release>.
-	Modules string
-	// Release is the kernel release, e.g. 6.1.0-48-amd64.
-	Release string
-}
+type KernelFiles = kernelcache.Files
 
-// Kernel locates the cached kernel under <module root>/.cache/kernel.
-func Kernel() (KernelFiles, error) {
-	root, err := ModuleRoot()
-	if err != nil {
-		return KernelFiles{}, err
-	}
-	dir := filepath.Join(root, ".cache", "kernel")
-	k := KernelFiles{
-		Vmlinuz: filepath.Join(dir, "vmlinuz"),
-		Modules: filepath.Join(dir, "modules"),
-	}
-	rel, err := os.ReadFile(filepath.Join(dir, "release"))
-	if err == nil {
-		k.Release = strings.TrimSpace(string(rel))
-	}
-	for _, p := range []string{k.Vmlinuz, filepath.Join(k.Modules, "kernel")} {
-		if _, err := os.Stat(p); err != nil {
-			return KernelFiles{}, fmt.Errorf("harness: kernel not cached (%w): run `make kernel` in %s", err, root)
-		}
-	}
-	if k.Release == "" {
-		return KernelFiles{}, fmt.Errorf("harness: %s missing: run `make kernel` in %s", filepath.Join(dir, "release"), root)
-	}
-	return k, nil
-}
+// Kernel locates the cached kernel.
+func Kernel() (KernelFiles, error) { return kernelcache.Find() }
 
 var (
 	testInitMu   sync.Mutex

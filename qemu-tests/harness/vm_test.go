@@ -7,7 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"github.com/unlockrd/unlockrd/initramfs/kmod"
+	"github.com/unlockrd/unlockrd/initramfs/host/kmod"
 	"os"
 	"path/filepath"
 	"regexp"
