@@ -18,6 +18,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -32,11 +34,6 @@ type Module struct {
 	// Optional modules (CPU-specific accelerations, soft dependencies)
 	// may fail to load without failing the boot.
 	Optional bool `json:"optional"`
-}
-
-// Logger receives one line per noteworthy event.
-type Logger interface {
-	Printf(format string, v ...any)
 }
 
 // Result summarises a load.
@@ -110,7 +107,7 @@ const moduleInitCompressedFile = 4
 // Load loads mods under root. Every module waits only for its own
 // dependencies. A required module that fails fails the stage, naming it;
 // modules that depend on a failed one are not attempted.
-func Load(ctx context.Context, root string, mods []Module, load Loader, log Logger) (Result, error) {
+func Load(ctx context.Context, root string, mods []Module, load Loader, log ulog.Logger) (Result, error) {
 	start := time.Now()
 	if load == nil {
 		load = FileLoader

@@ -9,12 +9,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
+
 	"golang.org/x/sys/unix"
 )
-
-type nopLog struct{}
-
-func (nopLog) Printf(string, ...any) {}
 
 // recorder loads nothing but records order, and checks every dependency
 // finished before its dependent started (the kernel's ENOENT trap).
@@ -71,7 +69,7 @@ func newRecorder(ms []Module) *recorder {
 func TestDependenciesFirst(t *testing.T) {
 	ms := mods()
 	r := newRecorder(ms)
-	res, err := Load(context.Background(), "/", ms, r.load, nopLog{})
+	res, err := Load(context.Background(), "/", ms, r.load, ulog.Null)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,7 +86,7 @@ func TestOptionalFailureTolerated(t *testing.T) {
 	r := newRecorder(ms)
 	r.fail["crc32c_intel"] = unix.ENODEV
 	r.deps["ext4"] = []string{"crc32c_generic"} // checked: generic must be loaded
-	res, err := Load(context.Background(), "/", ms, r.load, nopLog{})
+	res, err := Load(context.Background(), "/", ms, r.load, ulog.Null)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +99,7 @@ func TestRequiredFailureNamesModuleAndSkipsDependents(t *testing.T) {
 	ms := mods()
 	r := newRecorder(ms)
 	r.fail["virtio_ring"] = unix.ENOENT
-	_, err := Load(context.Background(), "/", ms, r.load, nopLog{})
+	_, err := Load(context.Background(), "/", ms, r.load, ulog.Null)
 	if err == nil || !strings.Contains(err.Error(), "module virtio_ring") || !errors.Is(err, unix.ENOENT) {
 		t.Fatalf("err = %v", err)
 	}
@@ -116,7 +114,7 @@ func TestAlreadyLoadedCounts(t *testing.T) {
 	ms := mods()[:1]
 	r := newRecorder(ms)
 	r.fail["virtio"] = unix.EEXIST
-	res, err := Load(context.Background(), "/", ms, r.load, nopLog{})
+	res, err := Load(context.Background(), "/", ms, r.load, ulog.Null)
 	if err != nil || res.Present != 1 {
 		t.Fatalf("res=%+v err=%v", res, err)
 	}

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/retry"
+
 	"github.com/insomniacslk/dhcp/dhcpv4"
 	"github.com/insomniacslk/dhcp/dhcpv4/nclient4"
 	"github.com/unlockrd/unlockrd/netboot/ipconf"
@@ -61,7 +63,7 @@ func (u *upper) dhcp4(ctx context.Context, a *applied, spec ipconf.Link) (*metho
 			return nil, fail(ctx.Err())
 		}
 		u.debugf("%s: DHCPv4: %s; starting over", a.name, last)
-		if err := sleep(ctx, backoff(attempt, 500*time.Millisecond, 4*time.Second)); err != nil {
+		if err := retry.Sleep(ctx, retry.Backoff{Base: 500 * time.Millisecond, Cap: 4 * time.Second}.Delay(attempt-1)); err != nil {
 			return nil, fail(err)
 		}
 	}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/retry"
+
 	"github.com/insomniacslk/dhcp/dhcpv6"
 	"github.com/insomniacslk/dhcp/dhcpv6/nclient6"
 	"github.com/insomniacslk/dhcp/iana"
@@ -43,7 +45,7 @@ func (u *upper) slaac(ctx context.Context, a *applied, spec ipconf.Link) (*metho
 		if len(got) > 0 {
 			break
 		}
-		if err := sleep(ctx, 20*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 20*time.Millisecond); err != nil {
 			return nil, fmt.Errorf("auto6: no global address from a router advertisement after %.1fs: %w", time.Since(start).Seconds(), err)
 		}
 	}
@@ -109,7 +111,7 @@ func (u *upper) dhcp6(ctx context.Context, a *applied, spec ipconf.Link) (*metho
 			return nil, fail(ctx.Err())
 		}
 		u.debugf("%s: DHCPv6: %s; starting over", a.name, last)
-		if err := sleep(ctx, backoff(attempt, 500*time.Millisecond, 4*time.Second)); err != nil {
+		if err := retry.Sleep(ctx, retry.Backoff{Base: 500 * time.Millisecond, Cap: 4 * time.Second}.Delay(attempt-1)); err != nil {
 			return nil, fail(err)
 		}
 	}
@@ -163,7 +165,7 @@ func (u *upper) dhcp6(ctx context.Context, a *applied, spec ipconf.Link) (*metho
 	wait, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	for !res.gateway.IsValid() {
-		if res.gateway = gateway6(a); res.gateway.IsValid() || sleep(wait, 20*time.Millisecond) != nil {
+		if res.gateway = gateway6(a); res.gateway.IsValid() || retry.Sleep(wait, 20*time.Millisecond) != nil {
 			break
 		}
 	}
@@ -284,7 +286,7 @@ func waitLinkLocal(ctx context.Context, a *applied) (netip.Addr, error) {
 				return ip, nil
 			}
 		}
-		if err := sleep(ctx, 20*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 20*time.Millisecond); err != nil {
 			return netip.Addr{}, fmt.Errorf("no usable link-local address after %.1fs: %w", time.Since(start).Seconds(), err)
 		}
 	}

@@ -13,6 +13,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/retry"
+
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -59,7 +61,7 @@ func waitCarrier(ctx context.Context, a *applied, timeout time.Duration) error {
 		if time.Since(start) >= timeout {
 			return fmt.Errorf("no carrier within %s", timeout)
 		}
-		if err := sleep(ctx, 10*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 10*time.Millisecond); err != nil {
 			return fmt.Errorf("no carrier yet after %.2fs: %w", time.Since(start).Seconds(), err)
 		}
 	}
@@ -338,7 +340,7 @@ func waitDAD(ctx context.Context, a *applied, ip netip.Addr) error {
 		if !found {
 			return fmt.Errorf("address %s vanished", ip)
 		}
-		if err := sleep(ctx, 20*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 20*time.Millisecond); err != nil {
 			return fmt.Errorf("%s: duplicate address detection unfinished: %w", ip, err)
 		}
 	}

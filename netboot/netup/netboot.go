@@ -15,7 +15,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"net/netip"
 	"os"
 	"slices"
@@ -23,14 +22,13 @@ import (
 	"sync"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/retry"
+
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
+
 	"github.com/unlockrd/unlockrd/netboot/ipconf"
 	"golang.org/x/sys/unix"
 )
-
-// Logger receives progress lines.
-type Logger interface {
-	Printf(format string, v ...any)
-}
 
 // Config is what stage 4 needs from the configuration.
 type Config struct {
@@ -112,7 +110,7 @@ func (r *Result) String() string {
 
 // Up configures the network according to cfg. It returns once one link is
 // configured, or with an error when ctx ends first.
-func Up(ctx context.Context, cfg Config, log Logger) (*Result, error) {
+func Up(ctx context.Context, cfg Config, log ulog.Logger) (*Result, error) {
 	cfg.defaults()
 	u := &upper{cfg: cfg, log: log}
 	plan, err := ipconf.Parse(cfg.IP)
@@ -169,12 +167,12 @@ func Up(ctx context.Context, cfg Config, log Logger) (*Result, error) {
 			return nil, fmt.Errorf("no link configured before the deadline (%s): %w", trimCtx(last), ctx.Err())
 		}
 		last = err
-		wait := backoff(round, time.Second, 30*time.Second)
+		wait := retry.Backoff{Base: time.Second, Cap: 30 * time.Second}.Delay(round - 1)
 		if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
 			wait = max(time.Until(dl), 0)
 		}
 		log.Printf("%v; retrying every link in %.1fs", err, wait.Seconds())
-		if err := sleep(ctx, wait); err != nil {
+		if err := retry.Sleep(ctx, wait); err != nil {
 			return nil, fmt.Errorf("no link configured before the deadline (%s): %w", trimCtx(last), err)
 		}
 	}
@@ -195,7 +193,7 @@ func (e *badInput) Error() string { return e.msg }
 // upper is one Up call.
 type upper struct {
 	cfg Config
-	log Logger
+	log ulog.Logger
 	nd  *ndOpts
 
 	mu     sync.Mutex
@@ -280,26 +278,4 @@ func (r *Result) Teardown() error {
 	}
 	r.applied = nil
 	return errors.Join(errs...)
-}
-
-// backoff is capped exponential backoff with jitter (half to all of the
-// step), so hosts that failed together do not retry together.
-func backoff(attempt int, base, max time.Duration) time.Duration {
-	d := base
-	for i := 1; i < attempt && d < max; i++ {
-		d *= 2
-	}
-	d = min(d, max)
-	return d/2 + rand.N(d/2+1)
-}
-
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }

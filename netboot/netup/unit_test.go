@@ -229,18 +229,6 @@ func TestValidDomain(t *testing.T) {
 	}
 }
 
-func TestBackoff(t *testing.T) {
-	for attempt := 1; attempt < 40; attempt++ {
-		step := min(time.Second<<min(attempt-1, 20), 30*time.Second)
-		for i := 0; i < 50; i++ {
-			d := backoff(attempt, time.Second, 30*time.Second)
-			if d < step/2 || d > step {
-				t.Fatalf("attempt %d: %s outside [%s, %s]", attempt, d, step/2, step)
-			}
-		}
-	}
-}
-
 func TestResolvConfAndRestore(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "etc", "resolv.conf")
 	b, err := backupFile(p)

@@ -5,12 +5,13 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/unlockrd/unlockrd/unlock/keyproto"
 )
 
 // Sources locates the host's identity and credentials. The zero value reads

@@ -45,14 +45,13 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/retry"
+
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
+
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
-
-// Logger receives one status line per failed attempt.
-type Logger interface {
-	Printf(format string, v ...any)
-}
 
 // Config is what the key stage needs.
 type Config struct {
@@ -105,15 +104,10 @@ func (b Backoff) withDefaults() Backoff {
 	return b
 }
 
-// delay is the jittered wait before the next round.
+// delay is the jittered wait before the next round: the project's one
+// backoff policy, with full jitter.
 func (b Backoff) delay(round int) time.Duration {
-	ceil := b.Cap
-	if round < 30 {
-		if d := b.Base << round; d > 0 && d < ceil {
-			ceil = d
-		}
-	}
-	return time.Duration(rand.Int64N(int64(ceil)) + 1)
+	return retry.Backoff{Base: b.Base, Cap: b.Cap, Full: true}.Delay(round)
 }
 
 // long is the wait after 401/403/404.
@@ -183,7 +177,7 @@ func (e *timeoutError) Error() string {
 
 // Fetch returns the keys from the first server that answers with a valid
 // key list. It retries until ctx ends or GiveUpAfter passes.
-func Fetch(ctx context.Context, cfg Config, log Logger) (*Keys, error) {
+func Fetch(ctx context.Context, cfg Config, log ulog.Logger) (*Keys, error) {
 	if len(cfg.URLs) == 0 {
 		return nil, errors.New("no key server URL configured")
 	}
@@ -200,7 +194,7 @@ func Fetch(ctx context.Context, cfg Config, log Logger) (*Keys, error) {
 		cfg.Now = time.Now
 	}
 	if cfg.Sleep == nil {
-		cfg.Sleep = sleep
+		cfg.Sleep = retry.Sleep
 	}
 	f := &fetcher{cfg: cfg, bo: cfg.Backoff.withDefaults(), log: log, dialer: &net.Dialer{}}
 	for _, s := range cfg.URLs {
@@ -235,7 +229,7 @@ func Fetch(ctx context.Context, cfg Config, log Logger) (*Keys, error) {
 type fetcher struct {
 	cfg     Config
 	bo      Backoff
-	log     Logger
+	log     ulog.Logger
 	dialer  *net.Dialer
 	targets []*url.URL
 	start   time.Time
@@ -487,15 +481,4 @@ func fmtDur(d time.Duration) string {
 		return fmt.Sprintf("%.1fs", d.Seconds())
 	}
 	return d.Round(time.Second).String()
-}
-
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
 }

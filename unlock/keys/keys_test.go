@@ -20,10 +20,11 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
 
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/pin"
@@ -142,28 +143,10 @@ func keyHandler(keys ...[]byte) http.HandlerFunc {
 	}
 }
 
-// logSink records every line the fetch stage logs.
-type logSink struct {
-	mu    sync.Mutex
-	lines []string
-}
-
-func (l *logSink) Printf(f string, v ...any) {
-	l.mu.Lock()
-	l.lines = append(l.lines, fmt.Sprintf(f, v...))
-	l.mu.Unlock()
-}
-
-func (l *logSink) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Join(l.lines, "\n")
-}
-
 var errStop = errors.New("test: stop after one round")
 
 // fetch runs Fetch for at most `rounds` rounds, recording the waits.
-func fetch(t *testing.T, urls []string, pins []pin.Pin, rounds int, mod func(*Config)) (*Keys, error, *logSink, []time.Duration) {
+func fetch(t *testing.T, urls []string, pins []pin.Pin, rounds int, mod func(*Config)) (*Keys, error, *ulogtest.Logger, []time.Duration) {
 	t.Helper()
 	var waits []time.Duration
 	cfg := Config{
@@ -183,7 +166,7 @@ func fetch(t *testing.T, urls []string, pins []pin.Pin, rounds int, mod func(*Co
 	if mod != nil {
 		mod(&cfg)
 	}
-	log := &logSink{}
+	log := &ulogtest.Logger{}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	k, err := Fetch(ctx, cfg, log)
@@ -491,7 +474,7 @@ func TestGiveUpAfter(t *testing.T) {
 	if total > 5*time.Minute {
 		t.Fatalf("slept %s in all, past give_up_after", total)
 	}
-	lines := log.lines
+	lines := log.Lines()
 	if last := lines[len(lines)-1]; last != down+": connection refused; giving up" {
 		t.Fatalf("last line %q, want it to say it gives up", last)
 	}

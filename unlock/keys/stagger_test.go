@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
+
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
@@ -20,11 +22,9 @@ var statusLineRE = regexp.MustCompile(`^(\S+): (.+); (trying \S+( as well)?|wait
 
 // checkStatusLines holds every line Fetch logged to that shape, and keeps
 // dialer noise ("dial tcp ...: connect:") out of them.
-func checkStatusLines(t *testing.T, log *logSink) {
+func checkStatusLines(t *testing.T, log *ulogtest.Logger) {
 	t.Helper()
-	log.mu.Lock()
-	defer log.mu.Unlock()
-	for _, l := range log.lines {
+	for _, l := range log.Lines() {
 		m := statusLineRE.FindStringSubmatch(l)
 		if m == nil || strings.Contains(l, "\n") {
 			t.Errorf("status line %q is not \"server: cause; next step\"", l)
@@ -158,7 +158,7 @@ func TestRoundWaitIsTheLongestAskedFor(t *testing.T) {
 	if !errors.Is(err, errStop) || len(waits) != 1 || waits[0] < 20*time.Second || waits[0] > 22*time.Second {
 		t.Fatalf("err=%v waits=%v", err, waits)
 	}
-	lines := log.lines
+	lines := log.Lines()
 	if len(lines) != 2 || lines[0] != busy.Listener.Addr().String()+": 429 too many requests; trying "+down ||
 		!strings.HasPrefix(lines[1], down+": connection refused; retrying in 2") {
 		t.Fatalf("lines %q", lines)
@@ -177,7 +177,7 @@ func TestWaitingForASlowerServer(t *testing.T) {
 	if !errors.Is(err, errStop) {
 		t.Fatal(err)
 	}
-	lines := log.lines
+	lines := log.Lines()
 	if len(lines) != 3 || lines[1] != down+": connection refused; waiting for "+hole ||
 		!strings.HasPrefix(lines[2], hole+": no TLS handshake within 500ms; retrying in ") {
 		t.Fatalf("lines %q", lines)

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
 )
 
 func run(t *testing.T, name string, args ...string) {
@@ -275,7 +277,7 @@ func TestRandomSwapOnlyOnBlankPartitions(t *testing.T) {
 	}
 	// Prepare says which device, why, and that it is left alone.
 	_, err := Prepare(context.Background(), []Spec{{Name: "swap", Device: "PARTLABEL=ext4", Swap: true, RandomSwap: true}},
-		Options{Scanner: fs.scanner}, tlog{t})
+		Options{Scanner: fs.scanner}, ulogtest.New(t))
 	if err == nil || !strings.Contains(err.Error(), "volume swap on") || !strings.Contains(err.Error(), "holds ext4; not touching it") {
 		t.Fatalf("Prepare: %v", err)
 	}
@@ -294,7 +296,7 @@ func TestPrepareReportsEveryProblem(t *testing.T) {
 		{Name: "data", Device: "UUID=" + testUUID},
 		{Name: "logs", Device: "PARTLABEL=logs"},
 		{Name: "wrong", Device: "UUID=" + ext4UUID}, // not LUKS at all
-	}, Options{Scanner: fs.scanner}, tlog{t})
+	}, Options{Scanner: fs.scanner}, ulogtest.New(t))
 	if len(got) != 0 || err == nil {
 		t.Fatalf("prepared %v, err %v", got, err)
 	}
@@ -312,8 +314,3 @@ func TestPrepareReportsEveryProblem(t *testing.T) {
 		t.Error("Prepare changed the device")
 	}
 }
-
-// tlog is a Logger for Prepare.
-type tlog struct{ t *testing.T }
-
-func (l tlog) Printf(format string, a ...any) { l.t.Logf(format, a...) }

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"unsafe"
 
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
 	"golang.org/x/sys/unix"
 )
 
@@ -19,7 +20,7 @@ const swapPage = 4096
 // lacks one, then enables it. It is only ever called on a mapping this
 // stage opened with a key, so the write goes through dm-crypt into space
 // reserved for swap.
-func EnsureSwap(path string, log Logger) error {
+func EnsureSwap(path string, log ulog.Logger) error {
 	f, err := os.OpenFile(path, os.O_RDWR|unix.O_EXCL, 0)
 	if err != nil {
 		return fmt.Errorf("swap %s: %w", path, err)

@@ -16,13 +16,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
+
 	"golang.org/x/sys/unix"
 )
-
-// Logger receives one line per volume.
-type Logger interface {
-	Printf(format string, v ...any)
-}
 
 // Spec is one volume to open.
 type Spec struct {
@@ -71,7 +68,7 @@ type Options struct {
 // Prepare waits for every device and validates its header. It needs no key,
 // so it can run while the network comes up. Every volume is checked even
 // after one fails, so one boot reports every problem; the error joins them.
-func Prepare(ctx context.Context, specs []Spec, opt Options, log Logger) ([]Prepared, error) {
+func Prepare(ctx context.Context, specs []Spec, opt Options, log ulog.Logger) ([]Prepared, error) {
 	out := make([]Prepared, 0, len(specs))
 	var errs []error
 	seen := map[string]string{}
@@ -95,7 +92,7 @@ func Prepare(ctx context.Context, specs []Spec, opt Options, log Logger) ([]Prep
 	return out, nil
 }
 
-func prepareOne(ctx context.Context, s Spec, opt Options, log Logger) (Prepared, error) {
+func prepareOne(ctx context.Context, s Spec, opt Options, log ulog.Logger) (Prepared, error) {
 	dev, err := opt.Scanner.Wait(ctx, s.Device)
 	if err != nil {
 		return Prepared{}, fmt.Errorf("volume %s: %w", s.Name, err)
@@ -137,7 +134,7 @@ var ErrNoKey = errors.New("no key opens the volume")
 // Unlock opens every prepared volume with the first key that fits, in
 // order, and stops at the first that fails: the opened ones are returned
 // so a retry can skip them.
-func Unlock(ctx context.Context, vols []Prepared, keys [][]byte, opt Options, log Logger) ([]Opened, error) {
+func Unlock(ctx context.Context, vols []Prepared, keys [][]byte, opt Options, log ulog.Logger) ([]Opened, error) {
 	var out []Opened
 	for _, p := range vols {
 		o, err := unlockOne(ctx, p, keys, opt)

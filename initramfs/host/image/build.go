@@ -28,6 +28,8 @@ import (
 	"sort"
 	"strconv"
 
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
+
 	"github.com/u-root/mkuimage/cpio"
 
 	"github.com/unlockrd/unlockrd/initramfs/config"
@@ -56,11 +58,6 @@ type ModuleEntry struct {
 	Optional bool `json:"optional"`
 }
 
-// Logger receives the builder's notes.
-type Logger interface {
-	Printf(format string, v ...any)
-}
-
 // Options are the inputs of Build. Nothing else is read: not the
 // environment, not the working directory beyond resolving these paths.
 type Options struct {
@@ -81,7 +78,7 @@ type Options struct {
 	// SOURCE_DATE_EPOCH when set (see ParseSourceDateEpoch), else 0.
 	MTime int64
 	// Logger gets notes; nil discards them.
-	Logger Logger
+	Logger ulog.Logger
 }
 
 // Report describes a built image.
@@ -130,7 +127,7 @@ type entry struct {
 func Build(ctx context.Context, o Options) (*Report, error) {
 	log := o.Logger
 	if log == nil {
-		log = nopLogger{}
+		log = ulog.Null
 	}
 	comp, err := ParseCompression(string(o.Compression))
 	if err != nil {
@@ -405,10 +402,6 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	c.n += int64(n)
 	return n, err
 }
-
-type nopLogger struct{}
-
-func (nopLogger) Printf(string, ...any) {}
 
 // FormatSize prints a byte count for the size table: exact bytes and a
 // rounded binary unit.

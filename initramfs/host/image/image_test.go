@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -12,9 +11,10 @@ import (
 	"reflect"
 	"sort"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
 
 	"github.com/unlockrd/unlockrd/initramfs/host/image/imagetest"
 	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
@@ -31,17 +31,6 @@ func smokeInit(t *testing.T) string { return imagetest.SmokeInit(t) }
 func writeConfig(t *testing.T, dir, text string) string { return imagetest.WriteConfig(t, dir, text) }
 
 const goodConfig = imagetest.GoodConfig
-
-type logBuf struct {
-	mu sync.Mutex
-	bytes.Buffer
-}
-
-func (l *logBuf) Printf(format string, v ...any) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.WriteString(strings.TrimSpace(fmt.Sprintf(format, v...)) + "\n")
-}
 
 func build(t *testing.T, o Options) *Report {
 	t.Helper()
@@ -326,7 +315,7 @@ func TestBuildFromCompressedTree(t *testing.T) {
 	}
 	dir := t.TempDir()
 	cfg := writeConfig(t, dir, strings.Replace(goodConfig, "[virtio_pci, virtio_blk, virtio_net, dm_crypt, ext4]", "[virtio_blk, ext4]", 1))
-	var log logBuf
+	var log ulogtest.Logger
 	rep := build(t, Options{ConfigFile: cfg, ModulesDir: dst, Init: smokeInit(t), Output: filepath.Join(dir, "x.img"), Logger: &log})
 	if n := strings.Count(log.String(), "stored uncompressed"); n != 1 {
 		t.Errorf("the reason for storing modules uncompressed was printed %d times: %q", n, log.String())

@@ -29,13 +29,9 @@ import (
 	"sort"
 	"strings"
 	"sync"
-)
 
-// Logger receives notes that do not stop the build (a soft dependency that
-// nothing provides, an alias resolved to a module).
-type Logger interface {
-	Printf(format string, v ...any)
-}
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
+)
 
 // ErrNotModuleTree is returned by Open for a folder that is not a module tree.
 var ErrNotModuleTree = errors.New("not a module tree")
@@ -70,7 +66,7 @@ type Tree struct {
 	dir     string
 	release string
 	machine elf.Machine
-	log     Logger
+	log     ulog.Logger
 
 	// files maps every module name to its path relative to dir.
 	files map[string]string
@@ -103,7 +99,6 @@ func Open(dir string) (*Tree, error) {
 	}
 	t := &Tree{
 		dir:     dir,
-		log:     nopLogger{},
 		infos:   map[string]*modinfo{},
 		builtin: map[string]bool{},
 	}
@@ -133,9 +128,9 @@ func Open(dir string) (*Tree, error) {
 
 // SetLogger sends the tree's notes to l, starting with those Open made
 // before there was anywhere to send them.
-func (t *Tree) SetLogger(l Logger) {
+func (t *Tree) SetLogger(l ulog.Logger) {
 	if l == nil {
-		l = nopLogger{}
+		l = ulog.Null
 	}
 	t.mu.Lock()
 	t.log = l
@@ -151,7 +146,7 @@ func (t *Tree) SetLogger(l Logger) {
 func (t *Tree) note(format string, v ...any) {
 	t.mu.Lock()
 	l := t.log
-	if _, nop := l.(nopLogger); nop {
+	if l == nil {
 		t.pending = append(t.pending, fmt.Sprintf(format, v...))
 		l = nil
 	}
@@ -341,7 +336,3 @@ func sortedNames(m map[string]string) []string {
 	sort.Strings(out)
 	return out
 }
-
-type nopLogger struct{}
-
-func (nopLogger) Printf(string, ...any) {}

@@ -5,12 +5,13 @@ import (
 	"debug/elf"
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
 )
 
 // fakeModule returns a minimal relocatable x86-64 ELF file whose only
@@ -79,12 +80,6 @@ func names(ms []Module) []string {
 	return out
 }
 
-type logBuf struct{ strings.Builder }
-
-func (l *logBuf) Printf(format string, v ...any) {
-	fmt.Fprintf(&l.Builder, format+"\n", v...)
-}
-
 func TestSyntheticOrder(t *testing.T) {
 	dir := fakeTree(t, map[string][]string{
 		"kernel/a.ko":         {"depends=b-mod,c", "softdep=pre: alias-x post: e"},
@@ -132,7 +127,7 @@ func TestSyntheticErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var log logBuf
+	var log ulogtest.Logger
 	tree.SetLogger(&log)
 	_, err = tree.Closure([]string{"a"})
 	if !errors.Is(err, ErrNotFound) || !strings.Contains(err.Error(), "module a depends on gone") {

@@ -15,6 +15,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
+
 	"golang.org/x/time/rate"
 
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store"
@@ -27,16 +29,11 @@ const KeysPath = "/v1/keys/"
 // HealthPath answers 200 while the store is readable under our master key.
 const HealthPath = "/healthz"
 
-// Logger receives operational messages (never secrets).
-type Logger interface {
-	Printf(format string, v ...any)
-}
-
 type config struct {
 	store        store.Store
 	sealer       *Sealer
 	now          func() time.Time
-	logger       Logger
+	logger       ulog.Logger
 	audit        func(AuditEvent)
 	global, host Limit
 	storeTimeout time.Duration
@@ -55,7 +52,7 @@ func WithSealer(s *Sealer) Option { return func(c *config) { c.sealer = s } }
 func WithClock(now func() time.Time) Option { return func(c *config) { c.now = now } }
 
 // WithLogger sets where internal failures are reported (default: log.Default()).
-func WithLogger(l Logger) Option { return func(c *config) { c.logger = l } }
+func WithLogger(l ulog.Logger) Option { return func(c *config) { c.logger = l } }
 
 // WithAudit sets the audit sink, called once per request after the answer
 // is written (default: JSONAudit(os.Stderr)). nil turns auditing off.

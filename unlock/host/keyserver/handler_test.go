@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
+
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store"
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 )
@@ -66,7 +68,7 @@ func newHarness(t testing.TB, opts ...Option) *harness {
 	jsonSink := JSONAudit(&x.lines)
 	base := []Option{
 		WithStore(x.store), WithSealer(sealer), WithClock(x.clock.Now),
-		WithLogger(testLogger{t}),
+		WithLogger(ulogtest.New(t)),
 		WithAudit(func(ev AuditEvent) {
 			x.auditMu.Lock()
 			x.events = append(x.events, ev)
@@ -79,10 +81,6 @@ func newHarness(t testing.TB, opts ...Option) *harness {
 	}
 	return x
 }
-
-type testLogger struct{ t testing.TB }
-
-func (l testLogger) Printf(f string, v ...any) { l.t.Logf(f, v...) }
 
 func (x *harness) do(method, path, token string) *httptest.ResponseRecorder {
 	r := httptest.NewRequest(method, "https://keys.test"+path, nil)

@@ -6,6 +6,7 @@ import (
 	"crypto/subtle"
 	"encoding/base64"
 	"fmt"
+
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 )
 
