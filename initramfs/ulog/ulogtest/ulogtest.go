@@ -39,13 +39,9 @@ func (l *Logger) Lines() []string {
 	return append([]string(nil), l.lines...)
 }
 
-// String is every line so far, each ending in a newline.
+// String is every line so far, joined by newlines.
 func (l *Logger) String() string {
-	var b strings.Builder
-	for _, s := range l.Lines() {
-		b.WriteString(s + "\n")
-	}
-	return b.String()
+	return strings.Join(l.Lines(), "\n")
 }
 
 // Contains reports whether some line contains sub.
