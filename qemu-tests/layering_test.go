@@ -10,7 +10,7 @@ const mod = "github.com/unlockrd/unlockrd/"
 
 // bootOnly are the packages only PID 1 may link; hostOnly only the tools.
 var (
-	bootOnly = []string{"initramfs/boot", "initramfs/modload", "unlock/keys", "unlock/volumes", "unlock/sysroot"}
+	bootOnly = []string{"initramfs/boot", "initramfs/modload", "unlock/keys", "unlock/volumes", "unlock/dm", "unlock/sysroot"}
 	hostOnly = []string{"initramfs/kmod", "initramfs/image", "unlock/keyserver", "qemu-tests/harness"}
 )
 

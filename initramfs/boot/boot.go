@@ -17,6 +17,7 @@ import (
 	"github.com/unlockrd/unlockrd/initramfs/modload"
 	"github.com/unlockrd/unlockrd/initramfs/sysroot"
 	"github.com/unlockrd/unlockrd/netboot/netup"
+	"github.com/unlockrd/unlockrd/unlock/blockdev"
 	"github.com/unlockrd/unlockrd/unlock/keys"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 	"github.com/unlockrd/unlockrd/unlock/volumes"
@@ -183,7 +184,7 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 	}()
 	type prepResult struct {
 		vols []volumes.Prepared
-		root volumes.BlockDev
+		root blockdev.BlockDev
 		err  error
 	}
 	prepDone := make(chan prepResult, 1)
@@ -365,9 +366,9 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 
 // prepare finds the root device and the volumes and validates headers. An
 // encrypted root becomes a volume named "root".
-func (r *runner) prepare(ctx context.Context) (volumes.BlockDev, []volumes.Prepared, error) {
+func (r *runner) prepare(ctx context.Context) (blockdev.BlockDev, []volumes.Prepared, error) {
 	cfg := r.cfg
-	var sc volumes.Scanner
+	var sc blockdev.Scanner
 	root, rootErr := sc.Wait(ctx, cfg.Root.Device)
 	if rootErr != nil {
 		rootErr = fmt.Errorf("root: %w", rootErr)
@@ -386,7 +387,7 @@ func (r *runner) prepare(ctx context.Context) (volumes.BlockDev, []volumes.Prepa
 	return root, vols, errors.Join(rootErr, err)
 }
 
-func describePrepared(root volumes.BlockDev, vols []volumes.Prepared) string {
+func describePrepared(root blockdev.BlockDev, vols []volumes.Prepared) string {
 	parts := []string{"root=" + root.Path}
 	for _, v := range vols {
 		if v.Spec.Name == "root" && v.Dev.Path == root.Path {
@@ -399,7 +400,7 @@ func describePrepared(root volumes.BlockDev, vols []volumes.Prepared) string {
 }
 
 // mounts turns the configuration and the opened volumes into mounts.
-func (r *runner) mounts(rootDev volumes.BlockDev, opened []volumes.Opened) (sysroot.Mount, []sysroot.Mount) {
+func (r *runner) mounts(rootDev blockdev.BlockDev, opened []volumes.Opened) (sysroot.Mount, []sysroot.Mount) {
 	cfg := r.cfg
 	byName := map[string]volumes.Opened{}
 	for _, o := range opened {

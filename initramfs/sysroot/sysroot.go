@@ -10,7 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/unlockrd/unlockrd/unlock/volumes"
+	"github.com/unlockrd/unlockrd/unlock/blockdev"
 	"golang.org/x/sys/unix"
 )
 
@@ -150,7 +150,7 @@ func checkMountPoint(root, target string) error {
 
 func mount(src, target, fstype string, opts []string) error {
 	if fstype == "" {
-		c, _, _ := volumes.Probe(src)
+		c, _, _ := blockdev.Probe(src)
 		if !mountable[c] {
 			if c == "" {
 				c = "nothing recognisable"

@@ -55,12 +55,12 @@ func benchUnlock(ctx context.Context, r *report) error {
 	if err != nil {
 		return err
 	}
-	testBin := filepath.Join(dir, "volumes.test")
-	build := exec.CommandContext(ctx, "go", "test", "-c", "-o", testBin, "./unlock/volumes")
+	testBin := filepath.Join(dir, "luks2.test")
+	build := exec.CommandContext(ctx, "go", "test", "-c", "-o", testBin, "./unlock/luks2")
 	build.Dir = root
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
-		return fmt.Errorf("go test -c ./unlock/volumes: %w\n%s", err, out)
+		return fmt.Errorf("go test -c ./unlock/luks2: %w\n%s", err, out)
 	}
 
 	nsOp := regexp.MustCompile(`BenchmarkUnlockArgon2id\S*\s+\d+\s+(\d+) ns/op`)

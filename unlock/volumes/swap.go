@@ -10,6 +10,8 @@ import (
 	"unsafe"
 
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
+	"github.com/unlockrd/unlockrd/unlock/blockdev"
+	"github.com/unlockrd/unlockrd/unlock/dm"
 	"golang.org/x/sys/unix"
 )
 
@@ -106,7 +108,7 @@ var ErrNotBlank = errors.New("refusing random-key swap")
 // key (and so overwritten). Only a partition named exactly (PARTUUID= or
 // PARTLABEL=, which a file system inside cannot fake) that carries no
 // known signature qualifies: a wrong reference must not destroy data.
-func CheckRandomSwap(ref string, dev BlockDev) error {
+func CheckRandomSwap(ref string, dev blockdev.BlockDev) error {
 	k, _, _ := strings.Cut(ref, "=")
 	if k != "PARTUUID" && k != "PARTLABEL" {
 		return fmt.Errorf("%w: %s is not a PARTUUID= or PARTLABEL= reference", ErrNotBlank, ref)
@@ -125,7 +127,7 @@ func CheckRandomSwap(ref string, dev BlockDev) error {
 func randomSwap(p Prepared, opt Options) (Opened, error) {
 	name := p.Spec.Name
 	// Look again right before writing: Prepare ran a while ago.
-	if c, _, _ := probe(p.Dev.Path); c != "" {
+	if c, _, _ := blockdev.Probe(p.Dev.Path); c != "" {
 		return Opened{}, fmt.Errorf("volume %s on %s: %w: it now holds %s; not touching it", name, p.Dev.Path, ErrNotBlank, c)
 	}
 	f, err := os.Open(p.Dev.Path)
@@ -146,7 +148,7 @@ func randomSwap(p Prepared, opt Options) (Opened, error) {
 	if _, err := rand.Read(key); err != nil {
 		return Opened{}, fmt.Errorf("volume %s: random key: %w", name, err)
 	}
-	t := CryptTable{
+	t := dm.CryptTable{
 		Name:       name,
 		UUID:       "CRYPT-PLAIN-" + name,
 		Cipher:     "aes-xts-plain64",

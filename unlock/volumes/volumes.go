@@ -17,6 +17,9 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
+	"github.com/unlockrd/unlockrd/unlock/blockdev"
+	"github.com/unlockrd/unlockrd/unlock/dm"
+	"github.com/unlockrd/unlockrd/unlock/luks2"
 
 	"golang.org/x/sys/unix"
 )
@@ -39,8 +42,8 @@ type Spec struct {
 // Prepared is a device found and a header validated, ready for keys.
 type Prepared struct {
 	Spec   Spec
-	Dev    BlockDev
-	Header *Header // nil for a random-key swap
+	Dev    blockdev.BlockDev
+	Header *luks2.Header // nil for a random-key swap
 }
 
 // Opened is an unlocked volume.
@@ -55,8 +58,8 @@ type Opened struct {
 
 // Options tune Prepare and Unlock.
 type Options struct {
-	Scanner Scanner
-	Policy  Policy
+	Scanner blockdev.Scanner
+	Policy  luks2.Policy
 	// MapperDir is where /dev/mapper/<name> nodes are made (default
 	// /dev/mapper): without udev nobody else makes them.
 	MapperDir string
@@ -107,14 +110,14 @@ func prepareOne(ctx context.Context, s Spec, opt Options, log ulog.Logger) (Prep
 	if err != nil {
 		return Prepared{}, fmt.Errorf("volume %s: %w", s.Name, err)
 	}
-	h, err := ReadHeader(f)
+	h, err := luks2.ReadHeader(f)
 	f.Close()
 	if err != nil {
 		return Prepared{}, fmt.Errorf("volume %s on %s: %w; no key will be tried on it", s.Name, dev.Path, err)
 	}
 	pol := opt.Policy
 	if len(pol.Ciphers) == 0 {
-		pol = DefaultPolicy()
+		pol = luks2.DefaultPolicy()
 	}
 	if k, v, _ := strings.Cut(s.Device, "="); k == "UUID" {
 		pol.UUID = v
@@ -128,8 +131,9 @@ func prepareOne(ctx context.Context, s Spec, opt Options, log ulog.Logger) (Prep
 	return Prepared{Spec: s, Dev: dev, Header: h}, nil
 }
 
-// ErrNoKey is wrapped when no key opens a volume.
-var ErrNoKey = errors.New("no key opens the volume")
+// ErrNoKey is wrapped when no key opens a volume (luks2.ErrNoKey, named
+// here for the stage's callers).
+var ErrNoKey = luks2.ErrNoKey
 
 // Unlock opens every prepared volume with the first key that fits, in
 // order, and stops at the first that fails: the opened ones are returned
@@ -173,7 +177,7 @@ func unlockOne(ctx context.Context, p Prepared, keys [][]byte, opt Options) (Ope
 		return Opened{}, fmt.Errorf("volume %s: %w", name, err)
 	}
 	defer f.Close()
-	key, slot, ki, err := findKey(ctx, f, p.Header, keys)
+	key, slot, ki, err := luks2.FindKey(ctx, f, p.Header, keys)
 	if err != nil {
 		return Opened{}, fmt.Errorf("volume %s on %s: %w", name, p.Dev.Path, err)
 	}
@@ -185,9 +189,9 @@ func unlockOne(ctx context.Context, p Prepared, keys [][]byte, opt Options) (Ope
 	seg := p.Header.Segments[0]
 	length, err := seg.SizeBytes(int64(size))
 	if err != nil {
-		return Opened{}, fmt.Errorf("volume %s on %s: %w: %v", name, p.Dev.Path, ErrRefused, err)
+		return Opened{}, fmt.Errorf("volume %s on %s: %w: %v", name, p.Dev.Path, luks2.ErrRefused, err)
 	}
-	t := CryptTable{
+	t := dm.CryptTable{
 		Name:       name,
 		UUID:       fmt.Sprintf("CRYPT-LUKS2-%s-%s", strings.ReplaceAll(p.Header.UUID, "-", ""), name),
 		Cipher:     seg.Encryption,
@@ -202,50 +206,16 @@ func unlockOne(ctx context.Context, p Prepared, keys [][]byte, opt Options) (Ope
 	return activate(t, p, opt, slot, ki)
 }
 
-func activate(t CryptTable, p Prepared, opt Options, slot, ki int) (Opened, error) {
-	if err := createCrypt(t); err != nil {
+func activate(t dm.CryptTable, p Prepared, opt Options, slot, ki int) (Opened, error) {
+	if err := dm.Create(t); err != nil {
 		return Opened{}, fmt.Errorf("volume %s: device-mapper: %w", t.Name, err)
 	}
 	path, err := mapperNode(opt.MapperDir, t.Name)
 	if err != nil {
-		_ = removeMapping(t.Name)
+		_ = dm.Remove(t.Name)
 		return Opened{}, fmt.Errorf("volume %s: %w", t.Name, err)
 	}
-	devNum, _ := devNumber(t.Device)
-	return Opened{Spec: p.Spec, Path: path, Slot: slot, Key: ki, Table: t.describe(devNum)}, nil
-}
-
-// findKey tries every key on every usable keyslot, keys in server order
-// (current first) and slots by priority. It only reads the device. The
-// returned volume key belongs to the caller, who must clear it.
-func findKey(ctx context.Context, r interface {
-	ReadAt([]byte, int64) (int, error)
-}, h *Header, keys [][]byte) ([]byte, int, int, error) {
-	slots := h.SlotOrder()
-	var errs []error
-	for ki, key := range keys {
-		for _, slot := range slots {
-			if err := ctx.Err(); err != nil {
-				return nil, 0, 0, err
-			}
-			vk, err := Unseal(r, h, slot, key)
-			if errors.Is(err, ErrWrongKey) {
-				continue
-			}
-			if err != nil {
-				// A keyslot we cannot compute (too little memory for its
-				// argon2, say) must not hide one that works.
-				errs = append(errs, err)
-				continue
-			}
-			return vk, slot, ki, nil
-		}
-	}
-	err := fmt.Errorf("%w (%d keys tried on %d keyslots); nothing was written to it", ErrNoKey, len(keys), len(slots))
-	if len(errs) > 0 {
-		err = fmt.Errorf("%w; %w", err, errors.Join(errs...))
-	}
-	return nil, 0, 0, err
+	return Opened{Spec: p.Spec, Path: path, Slot: slot, Key: ki, Table: t.Describe()}, nil
 }
 
 // mapperNode makes /dev/mapper/<name> for the dm device with that name:

@@ -1,7 +1,9 @@
-package volumes
+// Package blockdev finds block devices: it scans /sys/class/block, reads
+// GPT names and ids, recognises what each device holds, and waits for the
+// device a reference (UUID=, PARTLABEL=, ...) names.
+package blockdev
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -14,6 +16,9 @@ import (
 	"time"
 
 	"github.com/u-root/u-root/pkg/mount/gpt"
+	"golang.org/x/sys/unix"
+
+	"github.com/unlockrd/unlockrd/unlock/luks2"
 )
 
 // BlockDev is one block device seen in /sys/class/block, with what was
@@ -269,13 +274,10 @@ func probeBytes(b, tail []byte, size int64) (content, uuid, label string) {
 		}
 		return binary.LittleEndian.Uint32(b[off:])
 	}
+	if sig := luks2.Sniff(b); sig.Version != 0 && !sig.Secondary {
+		return fmt.Sprintf("LUKS%d", sig.Version), sig.UUID, sig.Label
+	}
 	switch {
-	case len(b) >= 512 && at(b, 0, string(luksMagic)):
-		v := binary.BigEndian.Uint16(b[6:8])
-		if v == 2 {
-			return "LUKS2", cstr(b[0xa8 : 0xa8+40]), cstr(b[0x18 : 0x18+48])
-		}
-		return fmt.Sprintf("LUKS%d", v), cstr(b[0xa8 : 0xa8+40]), ""
 	case len(b) >= 2048 && binary.LittleEndian.Uint16(b[1024+0x38:]) == 0xEF53:
 		sb := b[1024:]
 		fs := "ext2"
@@ -325,10 +327,8 @@ func probeBytes(b, tail []byte, size int64) (content, uuid, label string) {
 	}
 	// A LUKS2 volume whose primary header was wiped still has its
 	// secondary copy, and with it the keyslots: it is not empty space.
-	for _, off := range validHeaderSizes {
-		if int(off)+6 <= len(b) && at(b, int(off), string(luksMagic2)) {
-			return "LUKS2 (secondary header only)", cstr(b[int(off)+0xa8 : int(off)+0xa8+40]), ""
-		}
+	if sig := luks2.Sniff(b); sig.Secondary {
+		return "LUKS2 (secondary header only)", sig.UUID, ""
 	}
 	// RAID superblocks at the end: 1.0 at 8 KiB from the end (4 KiB
 	// aligned), 0.90 in the last 64 KiB-aligned 64 KiB block.
@@ -366,14 +366,8 @@ const (
 	bcacheMagic = "\xc6\x85\x73\xf6\x4e\x1a\x45\xca\x82\x65\xf5\x7f\x48\xba\x6d\x81"
 )
 
-var luksMagic = []byte("LUKS\xba\xbe")
-
-func cstr(b []byte) string {
-	if i := bytes.IndexByte(b, 0); i >= 0 {
-		b = b[:i]
-	}
-	return string(b)
-}
+// cstr is a NUL-terminated string field.
+func cstr(b []byte) string { return unix.ByteSliceToString(b) }
 
 func rawUUID(b []byte) string {
 	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])

@@ -1,4 +1,4 @@
-package volumes
+package luks2
 
 import (
 	"bytes"
@@ -10,52 +10,18 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/unlockrd/unlockrd/unlock/luks2/luks2test"
 )
 
-// dumpVolumeKey asks cryptsetup for the volume key that passphrase opens:
-// the oracle our unsealing must agree with.
 func dumpVolumeKey(t *testing.T, img string, passphrase []byte) []byte {
 	t.Helper()
-	kf := filepath.Join(t.TempDir(), "k")
-	if err := os.WriteFile(kf, passphrase, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command("cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode", "--key-file", kf, img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("cryptsetup luksDump --dump-volume-key: %v\n%s", err, out)
-	}
-	_, dump, ok := strings.Cut(string(out), "MK dump:")
-	if !ok {
-		t.Fatalf("no MK dump in:\n%s", out)
-	}
-	k, err := hex.DecodeString(strings.Join(strings.Fields(dump), ""))
-	if err != nil {
-		t.Fatalf("MK dump: %v", err)
-	}
-	return k
+	return luks2test.DumpVolumeKey(t, img, passphrase)
 }
 
-// formatArgs makes a LUKS2 volume with extra luksFormat arguments.
 func formatArgs(t testing.TB, pass []byte, args ...string) string {
 	t.Helper()
-	dir := t.TempDir()
-	img := filepath.Join(dir, "vol.img")
-	kf := filepath.Join(dir, "key")
-	if err := os.WriteFile(kf, pass, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 8<<20); err != nil {
-		t.Fatal(err)
-	}
-	all := append([]string{"luksFormat", "--type", "luks2", "--batch-mode", "--key-file", kf,
-		"--luks2-metadata-size", "16k", "--luks2-keyslots-size", "2m"}, args...)
-	if out, err := exec.Command("cryptsetup", append(all, img)...).CombinedOutput(); err != nil {
-		t.Fatalf("cryptsetup %v: %v\n%s", all, err, out)
-	}
-	return img
+	return luks2test.FormatArgs(t, pass, args...)
 }
 
 func unsealFile(t *testing.T, img string, pass []byte) ([]byte, *Header, error) {
@@ -72,7 +38,7 @@ func unsealFile(t *testing.T, img string, pass []byte) ([]byte, *Header, error) 
 		t.Fatal(err)
 	}
 	defer f.Close()
-	vk, _, _, err := findKey(context.Background(), f, h, [][]byte{pass})
+	vk, _, _, err := FindKey(context.Background(), f, h, [][]byte{pass})
 	return vk, h, err
 }
 
@@ -170,7 +136,7 @@ func TestHighPrioritySlotFirst(t *testing.T) {
 	defer f.Close()
 	// Either key opens its own slot; "second" must be tried on slot 1
 	// first and the high-priority slot is the one reported.
-	vk, slot, ki, err := findKey(context.Background(), f, h, [][]byte{[]byte("nope"), []byte("second")})
+	vk, slot, ki, err := FindKey(context.Background(), f, h, [][]byte{[]byte("nope"), []byte("second")})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,38 +158,6 @@ func TestPBKDF2Vectors(t *testing.T) {
 	got, _ = pbkdf2Key(hashFunc("sha1"), []byte("passwordPASSWORDpassword"), []byte("saltSALTsaltSALTsaltSALTsaltSALTsalt"), 4096, 25)
 	if hex.EncodeToString(got) != "3d2eec4fe41c849b80c8d83662c0e44a8b291a964cf2f07038" {
 		t.Fatalf("pbkdf2 = %x", got)
-	}
-}
-
-func TestCryptTableParams(t *testing.T) {
-	tb := CryptTable{Name: "data", Cipher: "aes-xts-plain64", Key: []byte{0xde, 0xad}, IVOffset: 7,
-		Offset: 4 << 20, Length: 20 << 20, SectorSize: 4096, Flags: []string{"no_read_workqueue", "no_write_workqueue"}}
-	p := tb.params("254:2")
-	if got, want := string(p), "aes-xts-plain64 dead 7 254:2 8192 3 no_read_workqueue no_write_workqueue sector_size:4096"; got != want {
-		t.Fatalf("params = %q, want %q", got, want)
-	}
-	d := tb.describe("254:2")
-	if strings.Contains(d, "dead") || !strings.Contains(d, "0 40960 crypt aes-xts-plain64 <key> 7 254:2 8192 3") {
-		t.Fatalf("describe = %q", d)
-	}
-}
-
-func TestActivationFlags(t *testing.T) {
-	for _, tc := range []struct {
-		spec    Spec
-		release string
-		want    string
-	}{
-		{Spec{NoWorkqueue: true}, "6.1.0-48-amd64", "no_read_workqueue no_write_workqueue"},
-		{Spec{NoWorkqueue: true}, "5.9.0", "no_read_workqueue no_write_workqueue"},
-		{Spec{NoWorkqueue: true}, "5.8.18", ""},
-		{Spec{NoWorkqueue: false}, "6.1.0", ""},
-		{Spec{NoWorkqueue: true, AllowDiscards: true}, "6.1.0", "allow_discards no_read_workqueue no_write_workqueue"},
-		{Spec{AllowDiscards: true}, "4.19.0", "allow_discards"},
-	} {
-		if got := strings.Join(tc.spec.flags(tc.release), " "); got != tc.want {
-			t.Errorf("%+v on %s: flags %q, want %q", tc.spec, tc.release, got, tc.want)
-		}
 	}
 }
 
@@ -266,7 +200,7 @@ func BenchmarkUnlockArgon2id(b *testing.B) {
 	b.Logf("keyslot 0: %s time=%d memory=%dKiB lanes=%d", k.Type, k.Time, k.Memory, k.CPUs)
 	b.ResetTimer()
 	for b.Loop() {
-		vk, _, _, err := findKey(context.Background(), f, h, [][]byte{pass})
+		vk, _, _, err := FindKey(context.Background(), f, h, [][]byte{pass})
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -1,7 +1,8 @@
-package volumes
+package luks2
 
 import (
 	"bufio"
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hmac"
@@ -33,6 +34,9 @@ import (
 // ErrWrongKey is returned by Unseal when the passphrase does not open the
 // keyslot.
 var ErrWrongKey = errors.New("passphrase does not open the keyslot")
+
+// ErrNoKey is wrapped by FindKey when no key opens any keyslot.
+var ErrNoKey = errors.New("no key opens the volume")
 
 // Unseal derives the volume key from keyslot slot of h with passphrase.
 // r is the LUKS device; only the keyslot area is read from it. The caller
@@ -278,4 +282,35 @@ func pbkdf2Key(newHash func() hash.Hash, password, salt []byte, iter, keyLen int
 	}
 	clear(out[keyLen:cap(out)])
 	return out[:keyLen], nil
+}
+
+// FindKey tries every key on every usable keyslot, keys in server order
+// (current first) and slots by priority. It only reads the device. The
+// returned volume key belongs to the caller, who must clear it.
+func FindKey(ctx context.Context, r io.ReaderAt, h *Header, keys [][]byte) ([]byte, int, int, error) {
+	slots := h.SlotOrder()
+	var errs []error
+	for ki, key := range keys {
+		for _, slot := range slots {
+			if err := ctx.Err(); err != nil {
+				return nil, 0, 0, err
+			}
+			vk, err := Unseal(r, h, slot, key)
+			if errors.Is(err, ErrWrongKey) {
+				continue
+			}
+			if err != nil {
+				// A keyslot we cannot compute (too little memory for its
+				// argon2, say) must not hide one that works.
+				errs = append(errs, err)
+				continue
+			}
+			return vk, slot, ki, nil
+		}
+	}
+	err := fmt.Errorf("%w (%d keys tried on %d keyslots); nothing was written to it", ErrNoKey, len(keys), len(slots))
+	if len(errs) > 0 {
+		err = fmt.Errorf("%w; %w", err, errors.Join(errs...))
+	}
+	return nil, 0, 0, err
 }

@@ -1,62 +1,34 @@
-package volumes
+package luks2
 
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/unlockrd/unlockrd/unlock/luks2/luks2test"
 )
 
-const testUUID = "11111111-2222-3333-4444-555555555555"
+// The helpers of luks2test under the short names these tests use.
+const testUUID = luks2test.UUID
 
-// format makes a LUKS2 volume file with the real cryptsetup, one keyslot
-// per key (pbkdf2 with minimal iterations: the keys are random).
-func format(t *testing.T, keys ...[]byte) string {
+func format(t *testing.T, keys ...[]byte) string { t.Helper(); return luks2test.Format(t, keys...) }
+
+func editJSON(t *testing.T, path string, copyIdx int, edit func(m map[string]any)) {
 	t.Helper()
-	if _, err := exec.LookPath("cryptsetup"); err != nil {
-		t.Fatalf("cryptsetup is required (make deps): %v", err)
-	}
-	dir := t.TempDir()
-	img := filepath.Join(dir, "vol.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 4<<20); err != nil {
-		t.Fatal(err)
-	}
-	pbkdf := []string{"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--hash", "sha256"}
-	for i, k := range keys {
-		kf := filepath.Join(dir, "key")
-		if err := os.WriteFile(kf, k, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		var args []string
-		if i == 0 {
-			args = append([]string{"luksFormat", "--type", "luks2", "--batch-mode", "--cipher", "aes-xts-plain64",
-				"--key-size", "512", "--uuid", testUUID, "--label", "data",
-				"--luks2-metadata-size", "16k", "--luks2-keyslots-size", "1m", "--key-file", kf}, pbkdf...)
-			args = append(args, img)
-		} else {
-			prev := filepath.Join(dir, "prev")
-			if err := os.WriteFile(prev, keys[0], 0o600); err != nil {
-				t.Fatal(err)
-			}
-			args = append([]string{"luksAddKey", "--batch-mode", "--key-file", prev}, pbkdf...)
-			args = append(args, img, kf)
-		}
-		if out, err := exec.Command("cryptsetup", args...).CombinedOutput(); err != nil {
-			t.Fatalf("cryptsetup %v: %v\n%s", args[0], err, out)
-		}
-	}
-	return img
+	luks2test.EditJSON(t, path, copyIdx, edit)
 }
+
+func editBoth(t *testing.T, path string, edit func(m map[string]any)) {
+	t.Helper()
+	luks2test.EditBoth(t, path, edit)
+}
+
+func seg0(m map[string]any) map[string]any { return luks2test.Seg0(m) }
 
 func readHeaderFile(t *testing.T, path string) (*Header, error) {
 	t.Helper()
@@ -66,49 +38,6 @@ func readHeaderFile(t *testing.T, path string) (*Header, error) {
 	}
 	defer f.Close()
 	return ReadHeader(f)
-}
-
-// editJSON rewrites the JSON metadata of one header copy (0 primary, 1
-// secondary) the way an attacker with write access would: edit, then
-// recompute the checksum, which authenticates nothing.
-func editJSON(t *testing.T, path string, copyIdx int, edit func(m map[string]any)) {
-	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	size := int(binary.BigEndian.Uint64(b[8:16]))
-	off := copyIdx * size
-	hdr := b[off : off+size]
-	js := hdr[4096:]
-	js = js[:bytes.IndexByte(js, 0)]
-	var m map[string]any
-	if err := json.Unmarshal(js, &m); err != nil {
-		t.Fatal(err)
-	}
-	edit(m)
-	nj, err := json.Marshal(m)
-	if err != nil {
-		t.Fatal(err)
-	}
-	area := hdr[4096:]
-	clear(area)
-	copy(area, nj)
-	clear(hdr[0x1c0 : 0x1c0+64])
-	sum := sha256.Sum256(hdr)
-	copy(hdr[0x1c0:], sum[:])
-	if err := os.WriteFile(path, b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
-func editBoth(t *testing.T, path string, edit func(m map[string]any)) {
-	editJSON(t, path, 0, edit)
-	editJSON(t, path, 1, edit)
-}
-
-func seg0(m map[string]any) map[string]any {
-	return m["segments"].(map[string]any)["0"].(map[string]any)
 }
 
 func TestValidHeaderAccepted(t *testing.T) {
@@ -275,7 +204,7 @@ func TestSecondKeyOpens(t *testing.T) {
 	}
 	defer f.Close()
 	// The server lists [new, old] during a rotation; the volume knows old.
-	vk, slot, ki, err := findKey(context.Background(), f, h, [][]byte{[]byte("new-key"), old})
+	vk, slot, ki, err := FindKey(context.Background(), f, h, [][]byte{[]byte("new-key"), old})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -303,7 +232,7 @@ func TestNoKeyOpensLeavesDeviceUntouched(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, _, _, err = findKey(context.Background(), f, h, [][]byte{[]byte("wrong"), []byte("wronger")})
+	_, _, _, err = FindKey(context.Background(), f, h, [][]byte{[]byte("wrong"), []byte("wronger")})
 	f.Close()
 	if !errors.Is(err, ErrNoKey) || !strings.Contains(err.Error(), "2 keys tried on 2 keyslots") {
 		t.Fatalf("err = %v", err)

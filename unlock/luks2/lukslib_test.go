@@ -1,4 +1,4 @@
-package volumes
+package luks2
 
 import (
 	"bytes"

@@ -1,4 +1,4 @@
-package volumes
+package luks2
 
 import (
 	"bytes"
@@ -14,7 +14,7 @@ import (
 // that parsing and validation never crash and that whatever passes
 // validation really is what the policy promises. Run it for a while with
 //
-//	go test -run '^$' -fuzz FuzzValidateHeader -fuzztime 5m ./unlock/volumes
+//	go test -run '^$' -fuzz FuzzValidateHeader -fuzztime 5m ./unlock/luks2
 func FuzzValidateHeader(f *testing.F) {
 	pass := []byte("fuzz")
 	var base []byte

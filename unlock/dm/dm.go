@@ -1,4 +1,6 @@
-package volumes
+// Package dm creates and removes dm-crypt mappings with device-mapper
+// ioctls of its own.
+package dm
 
 import (
 	"bytes"
@@ -65,7 +67,15 @@ func (t CryptTable) params(devNum string) []byte {
 	return b
 }
 
-// describe is the table line with the key hidden, for logs and errors.
+// Describe is the table line with the key hidden, for logs and errors.
+func (t CryptTable) Describe() string {
+	devNum, err := devNumber(t.Device)
+	if err != nil {
+		devNum = t.Device
+	}
+	return t.describe(devNum)
+}
+
 func (t CryptTable) describe(devNum string) string {
 	hidden := t
 	hidden.Key = nil
@@ -85,9 +95,9 @@ func devNumber(path string) (string, error) {
 	return fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev)), nil
 }
 
-// createCrypt creates, loads and resumes the mapping. On failure the
+// Create creates, loads and resumes the mapping. On failure the
 // half-made device is removed.
-func createCrypt(t CryptTable) error {
+func Create(t CryptTable) error {
 	if t.Length <= 0 || t.Length%512 != 0 || t.Offset%512 != 0 {
 		return fmt.Errorf("dm %s: %d bytes at %d is not whole sectors", t.Name, t.Length, t.Offset)
 	}
@@ -115,8 +125,8 @@ func createCrypt(t CryptTable) error {
 	return nil
 }
 
-// removeMapping removes a mapping (used when a later step fails).
-func removeMapping(name string) error {
+// Remove removes a mapping (used when a later step fails).
+func Remove(name string) error {
 	_, err := dmIoctl(unix.DM_DEV_REMOVE, name, "", 0, 0, nil)
 	return err
 }
