@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"unsafe"
 
+	"github.com/unlockrd/unlockrd/unlock/secret"
 	"golang.org/x/sys/unix"
 )
 
@@ -27,35 +28,42 @@ type CryptTable struct {
 	// names it, so tools recognise the mapping).
 	UUID       string
 	Cipher     string
-	Key        []byte // not owned: the caller clears it
-	IVOffset   uint64 // in 512-byte sectors
-	Device     string // backing block device
-	Offset     int64  // bytes
-	Length     int64  // bytes
+	Key        *secret.Buf // not owned: the caller wipes it
+	IVOffset   uint64      // in 512-byte sectors
+	Device     string      // backing block device
+	Offset     int64       // bytes
+	Length     int64       // bytes
 	SectorSize int
 	// Flags are kernel option names: allow_discards, no_read_workqueue,
 	// no_write_workqueue.
 	Flags []string
 }
 
-// params renders the crypt target parameters into a fresh buffer the
-// caller must clear (it holds the key in hex).
-func (t CryptTable) params(devNum string) []byte {
-	var opts []string
-	opts = append(opts, t.Flags...)
+// paramsLen bounds the length of the rendered parameters.
+func (t CryptTable) paramsLen() int {
+	n := len(t.Cipher) + 2*t.Key.Len() + 128
+	for _, o := range t.options() {
+		n += len(o) + 1
+	}
+	return n
+}
+
+func (t CryptTable) options() []string {
+	opts := append([]string(nil), t.Flags...)
 	if t.SectorSize != 0 && t.SectorSize != 512 {
 		opts = append(opts, "sector_size:"+strconv.Itoa(t.SectorSize))
 	}
-	// Size the buffer up front: a growing buffer would leave copies of
-	// the key in the arrays it outgrew.
-	n := len(t.Cipher) + 2*len(t.Key) + len(devNum) + 128
-	for _, o := range opts {
-		n += len(o) + 1
-	}
-	b := make([]byte, 0, n)
+	return opts
+}
+
+// appendParams renders the crypt target parameters (the key in hex) into
+// b. b must have paramsLen() spare capacity: a growing buffer would leave
+// copies of the key in the arrays it outgrew.
+func (t CryptTable) appendParams(b []byte, devNum string) []byte {
+	opts := t.options()
 	b = append(b, t.Cipher...)
 	b = append(b, ' ')
-	b = hex.AppendEncode(b, t.Key)
+	b = hex.AppendEncode(b, t.Key.Bytes())
 	b = fmt.Appendf(b, " %d %s %d", t.IVOffset, devNum, t.Offset/512)
 	if len(opts) > 0 {
 		b = fmt.Appendf(b, " %d", len(opts))
@@ -65,6 +73,12 @@ func (t CryptTable) params(devNum string) []byte {
 		}
 	}
 	return b
+}
+
+// params renders the parameters into a fresh buffer the caller must
+// clear (it holds the key in hex).
+func (t CryptTable) params(devNum string) []byte {
+	return t.appendParams(make([]byte, 0, t.paramsLen()+len(devNum)), devNum)
 }
 
 // Describe is the table line with the key hidden, for logs and errors.
@@ -95,31 +109,42 @@ func devNumber(path string) (string, error) {
 	return fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev)), nil
 }
 
+// ioctlFunc sends one device-mapper request in buf (struct dm_ioctl and
+// its payload), which the kernel also writes its reply into.
+type ioctlFunc func(req uint, buf []byte) error
+
 // Create creates, loads and resumes the mapping. On failure the
 // half-made device is removed.
 func Create(t CryptTable) error {
-	if t.Length <= 0 || t.Length%512 != 0 || t.Offset%512 != 0 {
-		return fmt.Errorf("dm %s: %d bytes at %d is not whole sectors", t.Name, t.Length, t.Offset)
-	}
 	devNum, err := devNumber(t.Device)
 	if err != nil {
 		return fmt.Errorf("dm %s: %w", t.Name, err)
 	}
-	if _, err := dmIoctl(unix.DM_DEV_CREATE, t.Name, t.UUID, 0, 0, nil); err != nil {
+	return create(t, devNum, controlIoctl)
+}
+
+// create builds the table load in a single buffer, the ioctl buffer
+// itself (so the key in hex exists in exactly one place, wiped right after
+// the kernel has copied it), and sends it with DM_SECURE_DATA_FLAG so the
+// kernel wipes its own copy too.
+func create(t CryptTable, devNum string, ioctl ioctlFunc) error {
+	if t.Length <= 0 || t.Length%512 != 0 || t.Offset%512 != 0 {
+		return fmt.Errorf("dm %s: %d bytes at %d is not whole sectors", t.Name, t.Length, t.Offset)
+	}
+	if err := send(ioctl, unix.DM_DEV_CREATE, t.Name, t.UUID, 0, 0, 0, nil); err != nil {
 		return fmt.Errorf("dm %s: create: %w", t.Name, err)
 	}
-	params := t.params(devNum)
-	payload := targetSpec(0, uint64(t.Length/512), "crypt", params)
-	clear(params)
-	_, err = dmIoctl(unix.DM_TABLE_LOAD, t.Name, "", unix.DM_SECURE_DATA_FLAG, 1, payload)
-	clear(payload)
+	plen := t.paramsLen() + len(devNum)
+	err := send(ioctl, unix.DM_TABLE_LOAD, t.Name, "", unix.DM_SECURE_DATA_FLAG, 1, targetSpecLen(plen), func(b []byte) error {
+		return putTargetSpec(b, 0, uint64(t.Length/512), "crypt", func(p []byte) []byte { return t.appendParams(p, devNum) })
+	})
 	if err == nil {
 		// DM_DEV_SUSPEND without the suspend flag resumes: the loaded
 		// table becomes live.
-		_, err = dmIoctl(unix.DM_DEV_SUSPEND, t.Name, "", 0, 0, nil)
+		err = send(ioctl, unix.DM_DEV_SUSPEND, t.Name, "", 0, 0, 0, nil)
 	}
 	if err != nil {
-		_, rerr := dmIoctl(unix.DM_DEV_REMOVE, t.Name, "", 0, 0, nil)
+		rerr := send(ioctl, unix.DM_DEV_REMOVE, t.Name, "", 0, 0, 0, nil)
 		return errors.Join(fmt.Errorf("dm %s: load %s: %w", t.Name, t.describe(devNum), err), rerr)
 	}
 	return nil
@@ -127,35 +152,40 @@ func Create(t CryptTable) error {
 
 // Remove removes a mapping (used when a later step fails).
 func Remove(name string) error {
-	_, err := dmIoctl(unix.DM_DEV_REMOVE, name, "", 0, 0, nil)
-	return err
+	return send(controlIoctl, unix.DM_DEV_REMOVE, name, "", 0, 0, 0, nil)
 }
 
-// targetSpec encodes one struct dm_target_spec followed by its
-// NUL-terminated, 8-byte padded parameters.
-func targetSpec(start, length uint64, kind string, params []byte) []byte {
-	plen := (len(params) + 1 + 7) / 8 * 8
-	b := make([]byte, 40+plen)
+// targetSpecLen is the size of one struct dm_target_spec with up to plen
+// bytes of parameters, NUL-terminated and 8-byte padded.
+func targetSpecLen(plen int) int { return 40 + (plen+1+7)/8*8 }
+
+// putTargetSpec encodes one struct dm_target_spec into b, its parameters
+// rendered in place by params (which appends to the slice it is given,
+// within its capacity).
+func putTargetSpec(b []byte, start, length uint64, kind string, params func([]byte) []byte) error {
 	binary.LittleEndian.PutUint64(b[0:], start)
 	binary.LittleEndian.PutUint64(b[8:], length)
 	binary.LittleEndian.PutUint32(b[16:], 0) // status
-	binary.LittleEndian.PutUint32(b[20:], uint32(len(b)))
 	copy(b[24:24+15], kind)
-	copy(b[40:], params)
-	return b
+	room := b[40 : 40 : len(b)-1] // keep the terminating NUL
+	p := params(room)
+	if len(p) > 0 && &p[0] != &b[40] {
+		clear(p) // outgrew its room and was copied: never happens with paramsLen
+		return fmt.Errorf("target parameters longer than their buffer")
+	}
+	next := 40 + (len(p)+1+7)/8*8
+	binary.LittleEndian.PutUint32(b[20:], uint32(next))
+	return nil
 }
 
-// dmIoctl sends one request to /dev/mapper/control. The buffer holding
-// payload is cleared before returning.
-func dmIoctl(req uint, name, uuid string, flags uint32, targets uint32, payload []byte) (unix.DmIoctl, error) {
+// send makes one request: struct dm_ioctl followed by payloadLen bytes
+// that fill writes in place. The buffer is cleared before send returns.
+func send(ioctl ioctlFunc, req uint, name, uuid string, flags uint32, targets uint32, payloadLen int, fill func([]byte) error) error {
 	var h unix.DmIoctl
 	if len(name) >= len(h.Name) || len(uuid) >= len(h.Uuid) {
-		return h, fmt.Errorf("name or uuid too long")
+		return fmt.Errorf("name or uuid too long")
 	}
-	size := unix.SizeofDmIoctl + len(payload)
-	if size < 16<<10 {
-		size = 16 << 10 // room for the kernel's reply
-	}
+	size := max(unix.SizeofDmIoctl+payloadLen, 16<<10) // room for the kernel's reply
 	h.Version = [3]uint32{unix.DM_VERSION_MAJOR, 0, 0}
 	h.Data_size = uint32(size)
 	h.Data_start = unix.SizeofDmIoctl
@@ -165,19 +195,25 @@ func dmIoctl(req uint, name, uuid string, flags uint32, targets uint32, payload 
 	copy(h.Uuid[:], uuid)
 	buf := make([]byte, size)
 	defer clear(buf)
-	hb := (*[unix.SizeofDmIoctl]byte)(unsafe.Pointer(&h))
-	copy(buf, hb[:])
-	copy(buf[unix.SizeofDmIoctl:], payload)
+	copy(buf, (*[unix.SizeofDmIoctl]byte)(unsafe.Pointer(&h))[:])
+	if fill != nil {
+		if err := fill(buf[unix.SizeofDmIoctl : unix.SizeofDmIoctl+payloadLen]); err != nil {
+			return err
+		}
+	}
+	return ioctl(req, buf)
+}
+
+// controlIoctl sends buf to /dev/mapper/control.
+func controlIoctl(req uint, buf []byte) error {
 	f, err := os.OpenFile("/dev/mapper/control", os.O_RDWR, 0)
 	if err != nil {
-		return h, err
+		return err
 	}
 	defer f.Close()
 	_, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), uintptr(req), uintptr(unsafe.Pointer(&buf[0])))
 	if errno != 0 {
-		return h, errno
+		return errno
 	}
-	var out unix.DmIoctl
-	copy((*[unix.SizeofDmIoctl]byte)(unsafe.Pointer(&out))[:], buf)
-	return out, nil
+	return nil
 }

@@ -51,6 +51,7 @@ import (
 
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/pin"
+	"github.com/unlockrd/unlockrd/unlock/secret"
 )
 
 // Config is what the key stage needs.
@@ -115,16 +116,17 @@ func (b Backoff) long() time.Duration {
 	return b.Long/2 + time.Duration(rand.Int64N(int64(b.Long/2)+1))
 }
 
-// Keys are the fetched passphrases, current first.
+// Keys are the fetched passphrases, current first. They are owned by
+// whoever received them from Fetch, who calls Wipe.
 type Keys struct {
-	Keys   [][]byte
+	Keys   []*secret.Buf
 	Server string // host:port that answered
 }
 
-// Wipe zeroes the key material.
+// Wipe zeroes the key material; safe on nil and twice.
 func (k *Keys) Wipe() {
 	if k != nil {
-		keyproto.Wipe(k.Keys)
+		secret.WipeAll(k.Keys)
 	}
 }
 
@@ -383,7 +385,11 @@ func attempt(ctx context.Context, u *url.URL, cfg Config, dialer *net.Dialer) (*
 			if err != nil {
 				return nil, err
 			}
-			return &Keys{Keys: ks, Server: u.Host}, nil
+			out := &Keys{Server: u.Host}
+			for _, k := range ks {
+				out.Keys = append(out.Keys, secret.From(k)) // owned (and wiped) by out
+			}
+			return out, nil
 		case isRedirect(resp.status):
 			if resp.location == "" {
 				return nil, fmt.Errorf("%d redirect without a Location", resp.status)

@@ -203,12 +203,17 @@ func TestLeafPin(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(k.Keys) != 2 || !bytes.Equal(k.Keys[0], testKey) || string(k.Keys[1]) != "old" {
-		t.Fatalf("keys = %q", k.Keys)
+	if len(k.Keys) != 2 || !bytes.Equal(k.Keys[0].Bytes(), testKey) || string(k.Keys[1].Bytes()) != "old" {
+		t.Fatalf("keys = %v", k.Keys)
 	}
+	// Hold the buffers the stage handed over: Wipe must zero them, not
+	// merely drop them.
+	held := [][]byte{k.Keys[0].Bytes(), k.Keys[1].Bytes()}
 	k.Wipe()
-	if !bytes.Equal(k.Keys[0], make([]byte, len(testKey))) {
-		t.Fatal("Wipe left key bytes")
+	for i, b := range held {
+		if !bytes.Equal(b, make([]byte, len(b))) {
+			t.Errorf("Wipe left key %d readable: %q", i, b)
+		}
 	}
 }
 
@@ -236,7 +241,7 @@ func TestCAPinValidChain(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(k.Keys[0], testKey) {
+	if !bytes.Equal(k.Keys[0].Bytes(), testKey) {
 		t.Fatal("wrong key")
 	}
 }
@@ -389,7 +394,7 @@ func TestRawBodyAccepted(t *testing.T) {
 		w.Write(testKey)
 	})
 	k, err, _, _ := fetch(t, []string{urlOf(s)}, []pin.Pin{pin.FromCert(leaf.cert)}, 1, nil)
-	if err != nil || len(k.Keys) != 1 || !bytes.Equal(k.Keys[0], testKey) {
+	if err != nil || len(k.Keys) != 1 || !bytes.Equal(k.Keys[0].Bytes(), testKey) {
 		t.Fatalf("k=%v err=%v", k, err)
 	}
 }

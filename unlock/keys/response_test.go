@@ -130,7 +130,7 @@ func TestResponseFormsAccepted(t *testing.T) {
 				t.Fatalf("%d keys, want %d", len(got.Keys), len(tc.want))
 			}
 			for i := range tc.want {
-				if !bytes.Equal(got.Keys[i], tc.want[i]) {
+				if !bytes.Equal(got.Keys[i].Bytes(), tc.want[i]) {
 					t.Fatalf("key %d differs", i)
 				}
 			}

@@ -137,7 +137,7 @@ func TestNothingSentBeforePinCheck(t *testing.T) {
 			}
 
 			k, err, _, _ := fetch(t, []string{url}, []pin.Pin{pin.FromCert(leaf.cert)}, 1, nil)
-			if err != nil || string(k.Keys[0]) != "key!" {
+			if err != nil || string(k.Keys[0].Bytes()) != "key!" {
 				t.Fatalf("control with the right pin: %v", err)
 			}
 			c = p.waitConns(t, 2)[1]

@@ -2,11 +2,14 @@ package luks2
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"os"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/unlockrd/unlockrd/unlock/secret"
 )
 
 // FuzzValidateHeader mutates the JSON metadata of real cryptsetup headers,
@@ -82,9 +85,9 @@ func FuzzValidateHeader(f *testing.F) {
 			if d := h.digestFor(id); d == nil || d.Iterations > 5000 || len(d.Digest) > 64 {
 				continue
 			}
-			vk, err := Unseal(img, h, id, pass)
+			vk, err := Unseal(context.Background(), img, h, id, secret.From(slices.Clone(pass)))
 			if err == nil {
-				clear(vk)
+				vk.Wipe()
 			}
 		}
 	})

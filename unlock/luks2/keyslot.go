@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
-	"crypto/hmac"
 	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/sha512"
@@ -21,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/unlockrd/unlockrd/unlock/secret"
 	"golang.org/x/crypto/argon2"
 	"golang.org/x/crypto/xts"
 )
@@ -38,10 +38,43 @@ var ErrWrongKey = errors.New("passphrase does not open the keyslot")
 // ErrNoKey is wrapped by FindKey when no key opens any keyslot.
 var ErrNoKey = errors.New("no key opens the volume")
 
+// scratch is every buffer and MAC one unsealing allocates, so that one
+// wipe clears them all, and so that a test can check it did. A nil
+// *scratch keeps nothing (the buffers are still wiped where they are used).
+type scratch struct {
+	bufs   [][]byte
+	macs   []*mac
+	hashes []hash.Hash
+}
+
+func (s *scratch) keepBuf(b []byte) {
+	if s != nil {
+		s.bufs = append(s.bufs, b)
+	}
+}
+
+func (s *scratch) keepMAC(m *mac) {
+	if s != nil {
+		s.macs = append(s.macs, m)
+	}
+}
+
+func (s *scratch) keepHash(h hash.Hash) {
+	if s != nil {
+		s.hashes = append(s.hashes, h)
+	}
+}
+
 // Unseal derives the volume key from keyslot slot of h with passphrase.
 // r is the LUKS device; only the keyslot area is read from it. The caller
-// owns the returned key and must clear it.
-func Unseal(r io.ReaderAt, h *Header, slot int, passphrase []byte) ([]byte, error) {
+// owns the returned key and wipes it; every intermediate (area key, split
+// key material, MAC and hash states) is wiped before Unseal returns. ctx
+// is checked inside the KDF, so a deadline stops a slow keyslot.
+func Unseal(ctx context.Context, r io.ReaderAt, h *Header, slot int, passphrase *secret.Buf) (*secret.Buf, error) {
+	return unseal(ctx, r, h, slot, passphrase, nil)
+}
+
+func unseal(ctx context.Context, r io.ReaderAt, h *Header, slot int, passphrase *secret.Buf, sc *scratch) (*secret.Buf, error) {
 	k, ok := h.Keyslot(slot)
 	if !ok {
 		return nil, fmt.Errorf("no keyslot %d", slot)
@@ -50,39 +83,44 @@ func Unseal(r io.ReaderAt, h *Header, slot int, passphrase []byte) ([]byte, erro
 	if d == nil {
 		return nil, fmt.Errorf("keyslot %d has no digest", slot)
 	}
-	area := make([]byte, int64(k.KeySize)*afStripes)
-	defer clear(area)
+	if k.KeySize <= 0 || k.KeySize > 512 {
+		return nil, fmt.Errorf("keyslot %d: %d-byte key", slot, k.KeySize)
+	}
 	// The area length is a whole number of 512-byte sectors for every
 	// key size cryptsetup writes; round up for the odd ones.
-	buf := make([]byte, (len(area)+511)/512*512)
-	defer clear(buf)
-	if int64(len(buf)) > k.Area.Size {
-		return nil, fmt.Errorf("keyslot %d: area of %d bytes is smaller than its %d-byte key material", slot, k.Area.Size, len(buf))
+	n := int64(k.KeySize) * afStripes
+	if (n+511)/512*512 > k.Area.Size {
+		return nil, fmt.Errorf("keyslot %d: area of %d bytes is smaller than its %d-byte key material", slot, k.Area.Size, (n+511)/512*512)
 	}
+	buf := make([]byte, (n+511)/512*512)
+	sc.keepBuf(buf)
+	defer clear(buf)
 	if _, err := r.ReadAt(buf, k.Area.Offset); err != nil {
 		return nil, fmt.Errorf("keyslot %d: read area: %w", slot, err)
 	}
-	areaKey, err := deriveKDF(k.KDF, passphrase, k.Area.KeySize)
+	areaKey, err := deriveKDF(ctx, k.KDF, passphrase.Bytes(), k.Area.KeySize, sc)
 	if err != nil {
 		return nil, fmt.Errorf("keyslot %d: %w", slot, err)
 	}
-	err = decryptArea(k.Area.Encryption, areaKey, buf)
-	clear(areaKey)
+	sc.keepBuf(areaKey.Bytes())
+	err = decryptArea(k.Area.Encryption, areaKey.Bytes(), buf)
+	areaKey.Wipe()
 	if err != nil {
 		return nil, fmt.Errorf("keyslot %d: %w", slot, err)
 	}
-	copy(area, buf)
-	key, err := afMerge(area, k.KeySize, afStripes, hashFunc(k.AF.Hash))
+	key, err := afMerge(buf[:n], k.KeySize, afStripes, hashFunc(k.AF.Hash), sc)
 	if err != nil {
 		return nil, fmt.Errorf("keyslot %d: %w", slot, err)
 	}
-	got, err := pbkdf2Key(hashFunc(d.Hash), key, d.Salt, d.Iterations, len(d.Digest))
+	got, err := pbkdf2Key(ctx, hashFunc(d.Hash), key.Bytes(), d.Salt, d.Iterations, len(d.Digest), sc)
 	if err != nil {
-		clear(key)
+		key.Wipe()
 		return nil, fmt.Errorf("keyslot %d: digest: %w", slot, err)
 	}
-	if subtle.ConstantTimeCompare(got, d.Digest) != 1 {
-		clear(key)
+	match := subtle.ConstantTimeCompare(got.Bytes(), d.Digest) == 1
+	got.Wipe()
+	if !match {
+		key.Wipe()
 		return nil, ErrWrongKey
 	}
 	return key, nil
@@ -92,20 +130,42 @@ func Unseal(r io.ReaderAt, h *Header, slot int, passphrase []byte) ([]byte, erro
 // many goroutines as the header has lanes, which is what makes it as fast
 // as cryptsetup); its memory is handed back to the kernel right after,
 // since a small VM needs it for the rest of the boot.
-func deriveKDF(k KDF, pass []byte, n int) ([]byte, error) {
+//
+// x/crypto/argon2 cannot be interrupted, so it runs on its own goroutine
+// with a copy of the passphrase: when ctx ends first, deriveKDF returns at
+// once and the goroutine wipes its copy and its result when it finishes
+// (its cost is bounded by the header policy).
+func deriveKDF(ctx context.Context, k KDF, pass []byte, n int, sc *scratch) (*secret.Buf, error) {
 	switch k.Type {
 	case "pbkdf2":
-		return pbkdf2Key(hashFunc(k.Hash), pass, k.Salt, k.Iterations, n)
+		return pbkdf2Key(ctx, hashFunc(k.Hash), pass, k.Salt, k.Iterations, n, sc)
 	case "argon2i", "argon2id":
 		if avail, ok := memAvailableKiB(); ok && uint64(k.Memory) > avail {
 			return nil, fmt.Errorf("%s needs %d MiB of memory, only %d MiB available", k.Type, k.Memory>>10, avail>>10)
 		}
-		defer debug.FreeOSMemory()
-		prefault(int(k.Memory) << 10)
-		if k.Type == "argon2i" {
-			return argon2.Key(pass, k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)), nil
+		if err := ctx.Err(); err != nil {
+			return nil, err
 		}
-		return argon2.IDKey(pass, k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)), nil
+		own := secret.New(len(pass))
+		copy(own.Bytes(), pass)
+		done := make(chan *secret.Buf, 1)
+		go func() {
+			defer own.Wipe()
+			defer debug.FreeOSMemory()
+			prefault(int(k.Memory) << 10)
+			if k.Type == "argon2i" {
+				done <- secret.From(argon2.Key(own.Bytes(), k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)))
+			} else {
+				done <- secret.From(argon2.IDKey(own.Bytes(), k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)))
+			}
+		}()
+		select {
+		case key := <-done:
+			return key, nil
+		case <-ctx.Done():
+			go func() { (<-done).Wipe() }()
+			return nil, fmt.Errorf("%s stopped: %w", k.Type, ctx.Err())
+		}
 	}
 	return nil, fmt.Errorf("KDF %q", k.Type)
 }
@@ -218,13 +278,18 @@ func hashFunc(name string) func() hash.Hash {
 
 // afMerge undoes LUKS's anti-forensic split: stripes blocks of n bytes,
 // each XORed into a running buffer that is then diffused with the hash.
-func afMerge(src []byte, n, stripes int, newHash func() hash.Hash) ([]byte, error) {
+// The hash state and the temporary buffer are wiped before it returns.
+func afMerge(src []byte, n, stripes int, newHash func() hash.Hash, sc *scratch) (*secret.Buf, error) {
 	if n <= 0 || len(src) < n*stripes || newHash == nil {
 		return nil, fmt.Errorf("anti-forensic merge of %d bytes into %d x %d", len(src), stripes, n)
 	}
 	h := newHash()
-	buf := make([]byte, n)
+	sc.keepHash(h)
+	defer scrub(h)
+	key := secret.New(n)
+	buf := key.Bytes()
 	tmp := make([]byte, 0, n+h.Size())
+	sc.keepBuf(tmp[:cap(tmp)])
 	defer clear(tmp[:cap(tmp)])
 	for i := 0; i < stripes-1; i++ {
 		subtle.XORBytes(buf, buf, src[i*n:(i+1)*n])
@@ -232,7 +297,7 @@ func afMerge(src []byte, n, stripes int, newHash func() hash.Hash) ([]byte, erro
 		copy(buf, tmp)
 	}
 	subtle.XORBytes(buf, buf, src[(stripes-1)*n:stripes*n])
-	return buf, nil
+	return key, nil
 }
 
 // diffuse hashes buf in digest-sized pieces, each prefixed with its
@@ -252,50 +317,27 @@ func diffuse(h hash.Hash, buf, out []byte) []byte {
 	return out
 }
 
-// pbkdf2Key is PBKDF2 (RFC 8018) over a []byte password: the standard
-// library's takes a string, a copy of the secret that cannot be wiped.
-func pbkdf2Key(newHash func() hash.Hash, password, salt []byte, iter, keyLen int) ([]byte, error) {
-	if newHash == nil || iter < 1 || keyLen < 1 || keyLen > 1<<20 {
-		return nil, fmt.Errorf("pbkdf2 with %d iterations for %d bytes", iter, keyLen)
-	}
-	prf := hmac.New(newHash, password)
-	hl := prf.Size()
-	out := make([]byte, 0, (keyLen+hl-1)/hl*hl)
-	u := make([]byte, 0, hl)
-	defer clear(u[:cap(u)])
-	var cnt [4]byte
-	for block := 1; len(out) < keyLen; block++ {
-		prf.Reset()
-		prf.Write(salt)
-		binary.BigEndian.PutUint32(cnt[:], uint32(block))
-		prf.Write(cnt[:])
-		u = prf.Sum(u[:0])
-		start := len(out)
-		out = append(out, u...)
-		t := out[start:]
-		for n := 1; n < iter; n++ {
-			prf.Reset()
-			prf.Write(u)
-			u = prf.Sum(u[:0])
-			subtle.XORBytes(t, t, u)
-		}
-	}
-	clear(out[keyLen:cap(out)])
-	return out[:keyLen], nil
-}
-
 // FindKey tries every key on every usable keyslot, keys in server order
 // (current first) and slots by priority. It only reads the device. The
-// returned volume key belongs to the caller, who must clear it.
-func FindKey(ctx context.Context, r io.ReaderAt, h *Header, keys [][]byte) ([]byte, int, int, error) {
+// returned volume key belongs to the caller, who wipes it; the keys stay
+// the caller's too. ctx is checked inside every KDF: when it ends, FindKey
+// returns its error at once.
+func FindKey(ctx context.Context, r io.ReaderAt, h *Header, keys []*secret.Buf) (*secret.Buf, int, int, error) {
+	return findKey(ctx, r, h, keys, nil)
+}
+
+func findKey(ctx context.Context, r io.ReaderAt, h *Header, keys []*secret.Buf, sc *scratch) (*secret.Buf, int, int, error) {
 	slots := h.SlotOrder()
 	var errs []error
 	for ki, key := range keys {
 		for _, slot := range slots {
 			if err := ctx.Err(); err != nil {
-				return nil, 0, 0, err
+				return nil, 0, 0, fmt.Errorf("stopped before key %d on keyslot %d: %w", ki+1, slot, err)
 			}
-			vk, err := Unseal(r, h, slot, key)
+			vk, err := unseal(ctx, r, h, slot, key, sc)
+			if err != nil && ctx.Err() != nil {
+				return nil, 0, 0, fmt.Errorf("stopped in key %d on keyslot %d: %w", ki+1, slot, err)
+			}
 			if errors.Is(err, ErrWrongKey) {
 				continue
 			}

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/unlockrd/unlockrd/unlock/luks2/luks2test"
+	"github.com/unlockrd/unlockrd/unlock/secret"
 )
 
 func dumpVolumeKey(t *testing.T, img string, passphrase []byte) []byte {
@@ -38,8 +39,17 @@ func unsealFile(t *testing.T, img string, pass []byte) ([]byte, *Header, error) 
 		t.Fatal(err)
 	}
 	defer f.Close()
-	vk, _, _, err := FindKey(context.Background(), f, h, [][]byte{pass})
-	return vk, h, err
+	vk, _, _, err := FindKey(context.Background(), f, h, keyBufs(pass))
+	return vk.Bytes(), h, err
+}
+
+// keyBufs wraps copies of keys as the key stage hands them over.
+func keyBufs(keys ...[]byte) []*secret.Buf {
+	var out []*secret.Buf
+	for _, k := range keys {
+		out = append(out, secret.From(bytes.Clone(k)))
+	}
+	return out
 }
 
 // TestUnsealAgreesWithCryptsetup unseals keyslots made with every KDF,
@@ -136,11 +146,11 @@ func TestHighPrioritySlotFirst(t *testing.T) {
 	defer f.Close()
 	// Either key opens its own slot; "second" must be tried on slot 1
 	// first and the high-priority slot is the one reported.
-	vk, slot, ki, err := FindKey(context.Background(), f, h, [][]byte{[]byte("nope"), []byte("second")})
+	vk, slot, ki, err := FindKey(context.Background(), f, h, keyBufs([]byte("nope"), []byte("second")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	clear(vk)
+	vk.Wipe()
 	if slot != 1 || ki != 1 {
 		t.Fatalf("slot %d key %d, want slot 1 key 1", slot, ki)
 	}
@@ -148,15 +158,15 @@ func TestHighPrioritySlotFirst(t *testing.T) {
 
 func TestPBKDF2Vectors(t *testing.T) {
 	// RFC 6070, SHA-1.
-	got, err := pbkdf2Key(hashFunc("sha1"), []byte("password"), []byte("salt"), 4096, 20)
+	got, err := pbkdf2Key(context.Background(), hashFunc("sha1"), []byte("password"), []byte("salt"), 4096, 20, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if hex.EncodeToString(got) != "4b007901b765489abead49d926f721d065a429c1" {
+	if hex.EncodeToString(got.Bytes()) != "4b007901b765489abead49d926f721d065a429c1" {
 		t.Fatalf("pbkdf2 = %x", got)
 	}
-	got, _ = pbkdf2Key(hashFunc("sha1"), []byte("passwordPASSWORDpassword"), []byte("saltSALTsaltSALTsaltSALTsaltSALTsalt"), 4096, 25)
-	if hex.EncodeToString(got) != "3d2eec4fe41c849b80c8d83662c0e44a8b291a964cf2f07038" {
+	got, _ = pbkdf2Key(context.Background(), hashFunc("sha1"), []byte("passwordPASSWORDpassword"), []byte("saltSALTsaltSALTsaltSALTsaltSALTsalt"), 4096, 25, nil)
+	if hex.EncodeToString(got.Bytes()) != "3d2eec4fe41c849b80c8d83662c0e44a8b291a964cf2f07038" {
 		t.Fatalf("pbkdf2 = %x", got)
 	}
 }
@@ -200,10 +210,10 @@ func BenchmarkUnlockArgon2id(b *testing.B) {
 	b.Logf("keyslot 0: %s time=%d memory=%dKiB lanes=%d", k.Type, k.Time, k.Memory, k.CPUs)
 	b.ResetTimer()
 	for b.Loop() {
-		vk, _, _, err := FindKey(context.Background(), f, h, [][]byte{pass})
+		vk, _, _, err := FindKey(context.Background(), f, h, keyBufs(pass))
 		if err != nil {
 			b.Fatal(err)
 		}
-		clear(vk)
+		vk.Wipe()
 	}
 }

@@ -204,16 +204,16 @@ func TestSecondKeyOpens(t *testing.T) {
 	}
 	defer f.Close()
 	// The server lists [new, old] during a rotation; the volume knows old.
-	vk, slot, ki, err := FindKey(context.Background(), f, h, [][]byte{[]byte("new-key"), old})
+	vk, slot, ki, err := FindKey(context.Background(), f, h, keyBufs([]byte("new-key"), old))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer clear(vk)
+	defer vk.Wipe()
 	if ki != 1 || slot != 0 {
 		t.Fatalf("opened with key %d slot %d, want key 1 slot 0", ki, slot)
 	}
 	// Oracle: the volume key cryptsetup itself recovers with "old".
-	if want := dumpVolumeKey(t, img, old); !bytes.Equal(vk, want) {
+	if want := dumpVolumeKey(t, img, old); !bytes.Equal(vk.Bytes(), want) {
 		t.Fatalf("volume key differs from cryptsetup's")
 	}
 }
@@ -232,7 +232,7 @@ func TestNoKeyOpensLeavesDeviceUntouched(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, _, _, err = FindKey(context.Background(), f, h, [][]byte{[]byte("wrong"), []byte("wronger")})
+	_, _, _, err = FindKey(context.Background(), f, h, keyBufs([]byte("wrong"), []byte("wronger")))
 	f.Close()
 	if !errors.Is(err, ErrNoKey) || !strings.Contains(err.Error(), "2 keys tried on 2 keyslots") {
 		t.Fatalf("err = %v", err)

@@ -12,6 +12,7 @@ import (
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
 	"github.com/unlockrd/unlockrd/unlock/blockdev"
 	"github.com/unlockrd/unlockrd/unlock/dm"
+	"github.com/unlockrd/unlockrd/unlock/secret"
 	"golang.org/x/sys/unix"
 )
 
@@ -143,9 +144,9 @@ func randomSwap(p Prepared, opt Options) (Opened, error) {
 	if size%4096 != 0 {
 		ss = 512
 	}
-	key := make([]byte, 64)
-	defer clear(key)
-	if _, err := rand.Read(key); err != nil {
+	key := secret.New(64)
+	defer key.Wipe()
+	if _, err := rand.Read(key.Bytes()); err != nil {
 		return Opened{}, fmt.Errorf("volume %s: random key: %w", name, err)
 	}
 	t := dm.CryptTable{

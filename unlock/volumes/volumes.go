@@ -20,6 +20,7 @@ import (
 	"github.com/unlockrd/unlockrd/unlock/blockdev"
 	"github.com/unlockrd/unlockrd/unlock/dm"
 	"github.com/unlockrd/unlockrd/unlock/luks2"
+	"github.com/unlockrd/unlockrd/unlock/secret"
 
 	"golang.org/x/sys/unix"
 )
@@ -137,8 +138,9 @@ var ErrNoKey = luks2.ErrNoKey
 
 // Unlock opens every prepared volume with the first key that fits, in
 // order, and stops at the first that fails: the opened ones are returned
-// so a retry can skip them.
-func Unlock(ctx context.Context, vols []Prepared, keys [][]byte, opt Options, log ulog.Logger) ([]Opened, error) {
+// so a retry can skip them. The keys stay the caller's to wipe; every
+// volume key is wiped here once its mapping is loaded (or has failed).
+func Unlock(ctx context.Context, vols []Prepared, keys []*secret.Buf, opt Options, log ulog.Logger) ([]Opened, error) {
 	var out []Opened
 	for _, p := range vols {
 		o, err := unlockOne(ctx, p, keys, opt)
@@ -167,7 +169,7 @@ func (s Spec) flags(release string) []string {
 	return f
 }
 
-func unlockOne(ctx context.Context, p Prepared, keys [][]byte, opt Options) (Opened, error) {
+func unlockOne(ctx context.Context, p Prepared, keys []*secret.Buf, opt Options) (Opened, error) {
 	if p.Spec.RandomSwap {
 		return randomSwap(p, opt)
 	}
@@ -181,7 +183,7 @@ func unlockOne(ctx context.Context, p Prepared, keys [][]byte, opt Options) (Ope
 	if err != nil {
 		return Opened{}, fmt.Errorf("volume %s on %s: %w", name, p.Dev.Path, err)
 	}
-	defer clear(key)
+	defer key.Wipe()
 	size, err := blockSize(f)
 	if err != nil {
 		return Opened{}, fmt.Errorf("volume %s on %s: size: %w", name, p.Dev.Path, err)
