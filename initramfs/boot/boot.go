@@ -374,7 +374,9 @@ func (r *runner) prepare(ctx context.Context) (blockdev.BlockDev, []volumes.Prep
 		rootErr = fmt.Errorf("root: %w", rootErr)
 	}
 	var specs []volumes.Spec
-	if root.Content == "LUKS2" {
+	// Either header copy: a root whose primary header is damaged opens
+	// from its secondary.
+	if root.Content.IsLUKS2() {
 		specs = append(specs, volumes.Spec{Name: "root", Device: cfg.Root.Device, NoWorkqueue: true})
 	}
 	for _, v := range cfg.Volumes {
@@ -410,8 +412,8 @@ func (r *runner) mounts(rootDev blockdev.BlockDev, opened []volumes.Opened) (sys
 	if o, ok := byName["root"]; ok {
 		root.Source = o.Path
 	}
-	if root.FSType == "" && rootDev.Content != "LUKS2" && rootDev.Content != "" {
-		root.FSType = rootDev.Content
+	if root.FSType == "" && rootDev.Content.Kind == blockdev.FileSystem {
+		root.FSType = rootDev.Content.Format
 	}
 	var data []sysroot.Mount
 	for _, v := range cfg.Volumes {

@@ -151,13 +151,14 @@ func checkMountPoint(root, target string) error {
 func mount(src, target, fstype string, opts []string) error {
 	if fstype == "" {
 		c, _, _ := blockdev.Probe(src)
-		if !mountable[c] {
-			if c == "" {
-				c = "nothing recognisable"
+		if c.Kind != blockdev.FileSystem || !mountable[c.Format] {
+			what := c.String()
+			if c.Kind == blockdev.Blank {
+				what = "nothing recognisable"
 			}
-			return fmt.Errorf("no fstype configured and %s holds %s", src, c)
+			return fmt.Errorf("no fstype configured and %s holds %s", src, what)
 		}
-		fstype = c
+		fstype = c.Format
 	}
 	flags, data, err := ParseOptions(opts)
 	if err != nil {

@@ -30,9 +30,8 @@ type BlockDev struct {
 	PartN     int
 	PartLabel string
 	PartUUID  string
-	// Content is what the first sectors hold: "LUKS2", "ext4", "swap", ""
-	// (nothing recognised) or "unreadable: ...".
-	Content string
+	// Content is what the device holds.
+	Content Content
 	UUID    string // LUKS or file-system UUID
 	Label   string // LUKS or file-system label
 	Size    int64  // bytes
@@ -46,11 +45,7 @@ func (b BlockDev) String() string {
 	if b.PartUUID != "" {
 		parts = append(parts, "PARTUUID="+b.PartUUID)
 	}
-	c := b.Content
-	if c == "" {
-		c = "no known signature"
-	}
-	parts = append(parts, c)
+	parts = append(parts, b.Content.String())
 	if b.Size > 0 {
 		parts = append(parts, fmt.Sprintf("%d MiB", b.Size>>20))
 	}
@@ -234,16 +229,16 @@ func readGPT(path string) (map[int]gptEntry, error) {
 // what keeps `swap: random` off a partition holding anything, so it errs
 // towards recognising: the secondary LUKS2 header and RAID superblocks at
 // the end of the device count too.
-func probe(path string) (content, uuid, label string) {
+func probe(path string) (c Content, uuid, label string) {
 	f, err := os.Open(path)
 	if err != nil {
-		return "unreadable: " + err.Error(), "", ""
+		return Content{Kind: Unreadable, Err: err}, "", ""
 	}
 	defer f.Close()
 	b := make([]byte, 0x11000)
 	n, err := f.ReadAt(b, 0)
 	if n == 0 && err != nil {
-		return "unreadable: " + err.Error(), "", ""
+		return Content{Kind: Unreadable, Err: err}, "", ""
 	}
 	b = b[:n]
 	size, _ := f.Seek(0, io.SeekEnd)
@@ -257,9 +252,9 @@ func probe(path string) (content, uuid, label string) {
 	return probeBytes(b, tail, size)
 }
 
-// Probe reports what the device at path holds ("" when nothing known),
-// with its UUID and label; the mount stage uses it for fstype detection.
-func Probe(path string) (content, uuid, label string) { return probe(path) }
+// Probe reports what the device at path holds, with its UUID and label;
+// the mount stage uses it for fstype detection.
+func Probe(path string) (c Content, uuid, label string) { return probe(path) }
 
 func at(b []byte, off int, sig string) bool {
 	return off >= 0 && off+len(sig) <= len(b) && string(b[off:off+len(sig)]) == sig
@@ -267,7 +262,7 @@ func at(b []byte, off int, sig string) bool {
 
 // probeBytes recognises head (the first 68 KiB) and tail (the last 128
 // KiB of a device of size bytes).
-func probeBytes(b, tail []byte, size int64) (content, uuid, label string) {
+func probeBytes(b, tail []byte, size int64) (c Content, uuid, label string) {
 	le32 := func(off int) uint32 {
 		if off < 0 || off+4 > len(b) {
 			return 0
@@ -275,7 +270,7 @@ func probeBytes(b, tail []byte, size int64) (content, uuid, label string) {
 		return binary.LittleEndian.Uint32(b[off:])
 	}
 	if sig := luks2.Sniff(b); sig.Version != 0 && !sig.Secondary {
-		return fmt.Sprintf("LUKS%d", sig.Version), sig.UUID, sig.Label
+		return Content{Kind: LUKS, Format: fmt.Sprintf("LUKS%d", sig.Version)}, sig.UUID, sig.Label
 	}
 	switch {
 	case len(b) >= 2048 && binary.LittleEndian.Uint16(b[1024+0x38:]) == 0xEF53:
@@ -286,49 +281,49 @@ func probeBytes(b, tail []byte, size int64) (content, uuid, label string) {
 		} else if binary.LittleEndian.Uint32(sb[0x5c:])&0x4 != 0 { // COMPAT_HAS_JOURNAL
 			fs = "ext3"
 		}
-		return fs, rawUUID(sb[0x68:0x78]), cstr(sb[0x78:0x88])
+		return content(fs), rawUUID(sb[0x68:0x78]), cstr(sb[0x78:0x88])
 	case at(b, 0, "XFSB") && len(b) >= 120:
-		return "xfs", rawUUID(b[32:48]), cstr(b[108:120])
+		return content("xfs"), rawUUID(b[32:48]), cstr(b[108:120])
 	case at(b, 0x10040, "_BHRfS_M") && len(b) >= 0x10000+0x12b+256:
-		return "btrfs", rawUUID(b[0x10020:0x10030]), cstr(b[0x10000+0x12b : 0x10000+0x12b+256])
+		return content("btrfs"), rawUUID(b[0x10020:0x10030]), cstr(b[0x10000+0x12b : 0x10000+0x12b+256])
 	case at(b, 0, "hsqs"):
-		return "squashfs", "", ""
+		return content("squashfs"), "", ""
 	case le32(1024) == 0xF2F52010:
-		return "f2fs", "", ""
+		return content("f2fs"), "", ""
 	case at(b, 3, "NTFS    "):
-		return "ntfs", "", ""
+		return content("ntfs"), "", ""
 	case at(b, 3, "-FVE-FS-"):
-		return "BitLocker", "", ""
+		return content("BitLocker"), "", ""
 	case at(b, 0x8001, "CD001"):
-		return "iso9660", "", ""
+		return content("iso9660"), "", ""
 	case at(b, 0x52, "FAT32") && at(b, 0x1fe, "\x55\xaa"):
-		return "vfat", fmt.Sprintf("%04X-%04X", binary.LittleEndian.Uint16(b[0x45:]), binary.LittleEndian.Uint16(b[0x43:])), strings.TrimSpace(cstr(b[0x47:0x52]))
+		return content("vfat"), fmt.Sprintf("%04X-%04X", binary.LittleEndian.Uint16(b[0x45:]), binary.LittleEndian.Uint16(b[0x43:])), strings.TrimSpace(cstr(b[0x47:0x52]))
 	case at(b, 0x36, "FAT") && at(b, 0x1fe, "\x55\xaa"):
-		return "vfat", fmt.Sprintf("%04X-%04X", binary.LittleEndian.Uint16(b[0x29:]), binary.LittleEndian.Uint16(b[0x27:])), strings.TrimSpace(cstr(b[0x2b:0x36]))
+		return content("vfat"), fmt.Sprintf("%04X-%04X", binary.LittleEndian.Uint16(b[0x29:]), binary.LittleEndian.Uint16(b[0x27:])), strings.TrimSpace(cstr(b[0x2b:0x36]))
 	case le32(0) == mdMagic || le32(4096) == mdMagic:
-		return "linux_raid_member", "", ""
+		return content("linux_raid_member"), "", ""
 	case at(b, 4096+24, bcacheMagic):
-		return "bcache", "", ""
+		return content("bcache"), "", ""
 	case at(b, 512, "EFI PART"):
-		return "gpt", "", ""
+		return content("gpt"), "", ""
 	}
 	for _, off := range []int{0, 512, 1024, 1536} {
 		if at(b, off, "LABELONE") && at(b, off+24, "LVM2 001") {
-			return "LVM2_member", "", ""
+			return content("LVM2_member"), "", ""
 		}
 	}
 	for _, ps := range []int{4096, 8192, 16384, 65536} {
 		if at(b, ps-10, "SWAPSPACE2") || at(b, ps-10, "SWAP-SPACE") {
 			if len(b) >= 1024+44 {
-				return "swap", rawUUID(b[1024+12 : 1024+28]), cstr(b[1024+28 : 1024+44])
+				return content("swap"), rawUUID(b[1024+12 : 1024+28]), cstr(b[1024+28 : 1024+44])
 			}
-			return "swap", "", ""
+			return content("swap"), "", ""
 		}
 	}
 	// A LUKS2 volume whose primary header was wiped still has its
 	// secondary copy, and with it the keyslots: it is not empty space.
 	if sig := luks2.Sniff(b); sig.Secondary {
-		return "LUKS2 (secondary header only)", sig.UUID, ""
+		return Content{Kind: LUKS, Format: "LUKS2", SecondaryOnly: true}, sig.UUID, sig.Label
 	}
 	// RAID superblocks at the end: 1.0 at 8 KiB from the end (4 KiB
 	// aligned), 0.90 in the last 64 KiB-aligned 64 KiB block.
@@ -337,14 +332,14 @@ func probeBytes(b, tail []byte, size int64) (content, uuid, label string) {
 		for _, off := range []int64{(size - 8192) &^ 4095, (size &^ (64<<10 - 1)) - 64<<10} {
 			i := off - base
 			if i >= 0 && i+4 <= int64(len(tail)) && binary.LittleEndian.Uint32(tail[i:]) == mdMagic {
-				return "linux_raid_member", "", ""
+				return content("linux_raid_member"), "", ""
 			}
 		}
 	}
 	if at(b, 0x1fe, "\x55\xaa") && mbrPlausible(b) {
-		return "dos", "", ""
+		return content("dos"), "", ""
 	}
-	return "", "", ""
+	return Content{}, "", ""
 }
 
 // mbrPlausible asks more of an MBR than its 16-bit signature, which

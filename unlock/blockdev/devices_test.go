@@ -3,6 +3,7 @@ package blockdev
 import (
 	"context"
 	"errors"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -74,7 +75,7 @@ func TestDeviceReferences(t *testing.T) {
 		if wantType == "" && kv["TYPE"] != "" {
 			wantType = kv["TYPE"]
 		}
-		if d.Content != wantType || !strings.EqualFold(d.UUID, kv["UUID"]) || d.Label != kv["LABEL"] {
+		if d.Content.Format != wantType || !strings.EqualFold(d.UUID, kv["UUID"]) || d.Label != kv["LABEL"] {
 			t.Errorf("%s: we see %q UUID=%s LABEL=%s, blkid %v", d.Name, d.Content, d.UUID, d.Label, kv)
 		}
 	}
@@ -110,5 +111,40 @@ func TestAmbiguousReferenceRefused(t *testing.T) {
 	_, err := fs.scanner.Wait(context.Background(), "LABEL=rootfs")
 	if err == nil || !strings.Contains(err.Error(), "ambiguous") {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestDamagedPrimaryIsStillLUKS2: a LUKS2 volume whose primary header is
+// gone is found by its UUID and is LUKS2 to its callers (the boot decides
+// "encrypted root" by IsLUKS2), marked as secondary-only; blkid agrees.
+func TestDamagedPrimaryIsStillLUKS2(t *testing.T) {
+	parts := blockdevtest.StandardParts()
+	parts[1].Make = func(t *testing.T, p string) {
+		blockdevtest.MkLUKS2(t, p)
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteAt(make([]byte, 4096), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fs := newFakeSystem(t, parts)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	d, err := fs.scanner.Wait(ctx, "UUID="+testUUID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !d.Content.IsLUKS2() || !d.Content.SecondaryOnly || d.Content.Kind != LUKS {
+		t.Fatalf("content = %+v, want LUKS2 from the secondary header", d.Content)
+	}
+	if got := d.Content.String(); got != "LUKS2 (secondary header only)" {
+		t.Errorf("String = %q", got)
+	}
+	out, _ := exec.Command("blkid", "-p", "-o", "value", "-s", "TYPE", d.Path).Output()
+	if strings.TrimSpace(string(out)) != "crypto_LUKS" {
+		t.Errorf("blkid says %q", out)
 	}
 }

@@ -117,3 +117,38 @@ func TestPrepareReportsEveryProblem(t *testing.T) {
 		t.Error("Prepare changed the device")
 	}
 }
+
+// TestDamagedPrimaryRootPrepares: what the boot does with an encrypted
+// root (a "root" volume on the root reference when the device is LUKS2)
+// works when only the secondary header is intact.
+func TestDamagedPrimaryRootPrepares(t *testing.T) {
+	parts := blockdevtest.StandardParts()
+	parts[1].Make = func(t *testing.T, p string) {
+		blockdevtest.MkLUKS2(t, p)
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if _, err := f.WriteAt(make([]byte, 4096), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fs := blockdevtest.New(t, parts)
+	sc := blockdev.Scanner{SysRoot: fs.Root, DevRoot: fs.Root}
+	ref := "UUID=" + luks2test.UUID
+	root, err := sc.Wait(context.Background(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !root.Content.IsLUKS2() {
+		t.Fatalf("root %s is not LUKS2 to the boot", root)
+	}
+	got, err := Prepare(context.Background(), []Spec{{Name: "root", Device: ref}}, Options{Scanner: sc}, ulogtest.New(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || !got[0].Header.Secondary {
+		t.Fatalf("prepared %+v, want the root from its secondary header", got)
+	}
+}

@@ -117,7 +117,7 @@ func CheckRandomSwap(ref string, dev blockdev.BlockDev) error {
 	if dev.PartN == 0 {
 		return fmt.Errorf("%w: %s is not a partition", ErrNotBlank, dev.Path)
 	}
-	if dev.Content != "" {
+	if dev.Content.Kind != blockdev.Blank {
 		return fmt.Errorf("%w: %s holds %s", ErrNotBlank, dev.Path, dev.Content)
 	}
 	return nil
@@ -128,7 +128,7 @@ func CheckRandomSwap(ref string, dev blockdev.BlockDev) error {
 func randomSwap(p Prepared, opt Options) (Opened, error) {
 	name := p.Spec.Name
 	// Look again right before writing: Prepare ran a while ago.
-	if c, _, _ := blockdev.Probe(p.Dev.Path); c != "" {
+	if c, _, _ := blockdev.Probe(p.Dev.Path); c.Kind != blockdev.Blank {
 		return Opened{}, fmt.Errorf("volume %s on %s: %w: it now holds %s; not touching it", name, p.Dev.Path, ErrNotBlank, c)
 	}
 	f, err := os.Open(p.Dev.Path)
