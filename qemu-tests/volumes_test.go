@@ -390,3 +390,33 @@ func editLUKSJSON(t *testing.T, path string, off int64, edit func(map[string]any
 		}
 	}
 }
+
+// TestVolumesEncryptedRootFromSecondaryHeader: an encrypted root named by
+// UUID= whose primary LUKS2 header is destroyed is still recognised as
+// LUKS2 (by its secondary copy), opened from that copy and mounted. Before
+// the probe result was typed, the boot compared its display string with
+// "LUKS2", never made the root a volume, and tried to mount the raw
+// partition.
+func TestVolumesEncryptedRootFromSecondaryHeader(t *testing.T) {
+	ctx := t.Context()
+	s := newVolSetup(t, ctx, func(key, hello []byte) harness.Disk {
+		return harness.Disk{Partitions: []harness.Partition{
+			{Name: "root", Size: 48 << 20, LUKS: &harness.LUKS{Keys: [][]byte{key}, Label: "root"},
+				FS: harness.TestRoot("rootfs", harness.TestInitConfig{Files: []string{harness.HelloPath}})},
+		}}
+	})
+	root := part(t, s.disk, "root")
+	writeDisk(t, s.disk.Path, root.Offset, bytes.Repeat([]byte{0x5a}, 4096)) // magic and all
+	s.start(t, ctx)
+	img := s.image(t, ctx, fmt.Sprintf(`root:
+  device: UUID=%s
+`, root.LUKS.UUID))
+	vm := s.vm(t, img, []harness.Drive{{Path: s.disk.Path}})
+	vm.ExpectLine(`^unlockrd: devices: volume root on /dev/vda1: primary LUKS header damaged \(.*no LUKS magic.*\), using the intact secondary copy$`, stageTimeout)
+	vm.ExpectLine(`^unlockrd: volumes: volume root: /dev/vda1 opened with key 1 of 1, keyslot 0 -> /dev/mapper/root`, stageTimeout)
+	rep := vm.ExpectReport(bootTimeout)
+	if rep.Root != "/dev/mapper/root ext4" {
+		t.Errorf("root = %q, want /dev/mapper/root ext4", rep.Root)
+	}
+	vm.Wait(bootTimeout)
+}
