@@ -2,11 +2,12 @@ package config_test
 
 import (
 	"errors"
-	"github.com/unlockrd/unlockrd/initramfs/config"
-	"github.com/unlockrd/unlockrd/initramfs/host/yamlconfig"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/host/yamlconfig"
 )
 
 const goodPin = "sha256//7HIpactkIAq2Y49orFOOQKurWxmmSFZhBCoQYcRhJ3Y="
@@ -64,7 +65,7 @@ func TestParseGood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c2.Key.AttemptTimeout != c.Key.AttemptTimeout || c2.Volumes[0].Name != "data" || c2.Key.Pins[0] != goodPin {
+	if c2.Key.AttemptTimeout != c.Key.AttemptTimeout || c2.Volumes[0].Name != "data" || c2.Key.Pins[0].String() != goodPin {
 		t.Errorf("round trip lost data: %+v", c2)
 	}
 }
@@ -126,7 +127,7 @@ func TestApplyCmdline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = c.ApplyCmdline(`console=ttyS0 root=PARTLABEL=other rw ip=eth0:dhcp ip=eth1:dhcp ` +
+	warnings, err := c.ApplyCmdline(`console=ttyS0 root=PARTLABEL=other rw ip=eth0:dhcp ip=eth1:dhcp ` +
 		`rd.unlockrd.url=https://10.0.2.2:9443/k/{host} rd.unlockrd.pin=` + goodPin +
 		` rd.unlockrd.host=vm-7 rd.unlockrd.token=s3cret rd.unlockrd.keep-network init=/bin/sh "rootflags=data=ordered"`)
 	if err != nil {
@@ -138,7 +139,7 @@ func TestApplyCmdline(t *testing.T) {
 	if got := strings.Join(c.Root.Options, ","); got != "data=ordered,rw" {
 		t.Errorf("root options = %q", got)
 	}
-	if len(c.Network.IP) != 2 || c.Network.IP[1] != "eth1:dhcp" {
+	if len(c.Network.IP.Values) != 2 || c.Network.IP.Values[1] != "eth1:dhcp" || len(c.Network.IP.Plan.Links) != 2 {
 		t.Errorf("ip = %v", c.Network.IP)
 	}
 	if len(c.Key.URLs) != 1 || c.Key.URLs[0] != "https://10.0.2.2:9443/k/{host}" {
@@ -147,8 +148,8 @@ func TestApplyCmdline(t *testing.T) {
 	if c.Boot.Host != "vm-7" || c.Boot.Token != "s3cret" {
 		t.Errorf("host/token = %q/%q", c.Boot.Host, c.Boot.Token)
 	}
-	if len(c.Boot.Warnings) != 1 || !strings.Contains(c.Boot.Warnings[0], "/proc/cmdline") {
-		t.Errorf("no warning for the command-line token: %v", c.Boot.Warnings)
+	if len(warnings) != 1 || !strings.Contains(warnings[0], "/proc/cmdline") {
+		t.Errorf("no warning for the command-line token: %v", warnings)
 	}
 }
 
@@ -157,7 +158,7 @@ func TestApplyCmdlineBadValuesKeepConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = c.ApplyCmdline("rd.unlockrd.pin=sha256//bad rd.unlockrd.url=http://x/ root=NOPE=1 rd.unlockrd.bogus=1")
+	_, err = c.ApplyCmdline("rd.unlockrd.pin=sha256//bad rd.unlockrd.url=http://x/ root=NOPE=1 rd.unlockrd.bogus=1")
 	if err == nil {
 		t.Fatal("no error for bad parameters")
 	}
@@ -166,7 +167,7 @@ func TestApplyCmdlineBadValuesKeepConfig(t *testing.T) {
 			t.Errorf("error %q does not name %s", err, want)
 		}
 	}
-	if c.Key.Pins[0] != goodPin || c.Root.Device != "PARTLABEL=root" || len(c.Key.URLs) != 2 {
+	if c.Key.Pins[0].String() != goodPin || c.Root.Device != "PARTLABEL=root" || len(c.Key.URLs) != 2 {
 		t.Errorf("bad overrides were applied: %+v", c.Key)
 	}
 }
@@ -220,10 +221,10 @@ func TestSwapModesAndVolumeOptions(t *testing.T) {
 
 func TestDeviceTimeoutParameter(t *testing.T) {
 	c, _ := yamlconfig.Parse([]byte(good))
-	if err := c.ApplyCmdline("rd.unlockrd.device-timeout=15s"); err != nil || c.Boot.DeviceTimeout != 15*time.Second {
+	if _, err := c.ApplyCmdline("rd.unlockrd.device-timeout=15s"); err != nil || c.Boot.DeviceTimeout != 15*time.Second {
 		t.Fatalf("device-timeout = %s, err %v", c.Boot.DeviceTimeout, err)
 	}
-	if err := c.ApplyCmdline("rd.unlockrd.device-timeout=soon"); err == nil || c.Boot.DeviceTimeout != 15*time.Second {
+	if _, err := c.ApplyCmdline("rd.unlockrd.device-timeout=soon"); err == nil || c.Boot.DeviceTimeout != 15*time.Second {
 		t.Fatalf("bad value accepted: %s, err %v", c.Boot.DeviceTimeout, err)
 	}
 }
