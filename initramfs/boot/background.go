@@ -71,26 +71,31 @@ func (g *group) start(f func(ctx context.Context) error) *background {
 }
 
 // fatal turns a foreground stage's error into the boot's end, joined with
-// every background failure so far. When a background failure stopped the
-// pipeline, the foreground error is only that stop and is left out; the
-// host then halts, as it would have once that stage's result was needed.
+// every background failure. After a background failure stopped the boot,
+// the other stages are waited for (they were cancelled, so they end
+// promptly) so that the error names every stage that failed, and a
+// foreground error that is only that stop is left out. A background
+// failure halts: it would fail again after a reboot.
 func (g *group) fatal(err error, reboot bool) error {
 	g.mu.Lock()
+	bg := slices.Clone(g.bg)
+	g.mu.Unlock()
+	if errors.Is(context.Cause(g.ctx), errStopped) {
+		for _, b := range bg {
+			b.Wait()
+		}
+	}
 	var errs []error
-	for _, b := range g.bg {
+	for _, b := range bg {
 		if e := b.failed(); e != nil {
 			errs = append(errs, e)
 		}
 	}
-	g.mu.Unlock()
-	if len(errs) > 0 && (err == nil || slices.Contains(errs, err) || errors.Is(context.Cause(g.ctx), errStopped)) {
+	if len(errs) > 0 {
+		if err != nil && !errors.Is(err, context.Canceled) && !slices.Contains(errs, err) {
+			errs = append(errs, err)
+		}
 		return &Fatal{Err: errors.Join(errs...)}
 	}
-	if err == nil {
-		return nil
-	}
-	if len(errs) > 0 {
-		reboot = false // a failed background stage fails again after a reboot
-	}
-	return &Fatal{Err: errors.Join(append(errs, err)...), Reboot: reboot}
+	return &Fatal{Err: err, Reboot: reboot}
 }
