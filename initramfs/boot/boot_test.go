@@ -77,7 +77,7 @@ func newFixture(t *testing.T) *fixture {
 			return volumes.BlockDev{Path: "/dev/vda1", Content: "ext4"},
 				[]volumes.Prepared{{Spec: volumes.Spec{Name: "data"}, Dev: volumes.BlockDev{Path: "/dev/vda2"}}}, nil
 		},
-		Network: func(ctx context.Context, cfg netup.Config, log ulog.Logger) (Network, error) { return &fakeNet{}, nil },
+		Network:  func(ctx context.Context, cfg netup.Config, log ulog.Logger) (Network, error) { return &fakeNet{}, nil },
 		Identity: keys.Sources{SysRoot: f.sys, FileRoot: f.image},
 		Fetch: func(ctx context.Context, cfg keys.Config, log ulog.Logger) (*keys.Keys, error) {
 			return &keys.Keys{Keys: [][]byte{[]byte("key-1")}, Server: "10.0.2.2:8443"}, nil
@@ -278,6 +278,9 @@ func TestRefetchGivesUpAndReboots(t *testing.T) {
 		now = now.Add(d)
 		mu.Unlock()
 		waits = append(waits, d)
+		if len(waits) > 100 {
+			return errors.New("refetched 100 times without giving up")
+		}
 		return ctx.Err()
 	}
 	f.st.Refetch = retry.Backoff{Base: time.Minute, Cap: time.Minute}

@@ -228,3 +228,79 @@ func TestDeviceTimeoutParameter(t *testing.T) {
 		t.Fatalf("bad value accepted: %s, err %v", c.Boot.DeviceTimeout, err)
 	}
 }
+
+// An image's JSON as the builder wrote it before the leaves were typed
+// still loads, into typed values, and is written back the same.
+func TestEmbeddedTypedLeavesCompatible(t *testing.T) {
+	const old = `{
+  "key": {
+    "urls": ["https://10.0.2.2:8443/v1/keys/{host}"],
+    "pins": ["` + goodPin + `"],
+    "host": "cmdline",
+    "token": "file:/etc/unlockrd/token",
+    "attempt_timeout": "10s",
+    "give_up_after": "0s"
+  },
+  "network": {"ip": ["eth0:dhcp", "eth0:auto6"], "keep": false},
+  "root": {"device": "PARTLABEL=root"},
+  "volumes": null,
+  "modules": null
+}`
+	c, err := config.LoadEmbedded([]byte(old))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Key.Pins[0].String() != goodPin || c.Key.Host.From != config.SourceCmdline ||
+		c.Key.Token.From != config.SourceFile || c.Key.Token.Path != "/etc/unlockrd/token" {
+		t.Errorf("key = %+v", c.Key)
+	}
+	if len(c.Network.IP.Plan.Links) != 1 || c.Network.IP.Plan.Links[0].Methods.String() != "dhcp+auto6" {
+		t.Errorf("ip plan = %+v", c.Network.IP.Plan)
+	}
+	b, err := c.Embed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"pins": [` + "\n" + `      "` + goodPin + `"`, `"host": "cmdline"`, `"token": "file:/etc/unlockrd/token"`, `"eth0:auto6"`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("embedded form lacks %s:\n%s", want, b)
+		}
+	}
+	// An unset token is left out, as before; an unset host is the UUID.
+	c.Key.Token = config.TokenSource{}
+	c.Key.Host = config.HostSource{}
+	c.Normalize()
+	b, _ = c.Embed()
+	if strings.Contains(string(b), `"token"`) || !strings.Contains(string(b), `"host": "smbios-uuid"`) {
+		t.Errorf("unset token/host embed as:\n%s", b)
+	}
+}
+
+// LoadEmbedded validates: the init acts on nothing the builder would
+// have refused.
+func TestLoadEmbeddedValidates(t *testing.T) {
+	for _, tc := range []struct{ json, want string }{
+		{`{"key":{"urls":[],"pins":["` + goodPin + `"]},"root":{"device":"PARTLABEL=root"}}`, "key.urls"},
+		{`{"key":{"urls":["https://k/{host}"],"pins":["sha256//x"]},"root":{"device":"PARTLABEL=root"}}`, "malformed pin"},
+		{`{"key":{"urls":["https://k/{host}"],"pins":["` + goodPin + `"],"token":"hunter2"},"root":{"device":"PARTLABEL=root"}}`, "literal token"},
+		{`{"key":{"urls":["https://k/{host}"],"pins":["` + goodPin + `"]},"network":{"ip":["eth0:dhcpp"]},"root":{"device":"PARTLABEL=root"}}`, "network.ip"},
+		{`{"key":{"urls":["https://k/{host}"],"pins":["` + goodPin + `"]},"root":{"device":"NOPE=1"}}`, "root.device"},
+	} {
+		_, err := config.LoadEmbedded([]byte(tc.json))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want %q", tc.json, err, tc.want)
+		}
+		if err != nil && strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("the error quotes what may be a token: %v", err)
+		}
+	}
+}
+
+func TestNeedsHost(t *testing.T) {
+	if (config.Key{URLs: []string{"https://a/v1/key", "https://b/k"}}).NeedsHost() {
+		t.Error("no {host}, but a host id is needed")
+	}
+	if !(config.Key{URLs: []string{"https://a/v1/key", "https://b/k/{host}"}}).NeedsHost() {
+		t.Error("{host} in a URL, but no host id needed")
+	}
+}
