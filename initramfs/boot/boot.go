@@ -118,6 +118,16 @@ type runner struct {
 
 // stage runs f with a deadline and prints "name: summary (1.23s)".
 func (r *runner) stage(ctx context.Context, name string, timeout time.Duration, f func(context.Context) (string, error)) error {
+	line, err := timed(ctx, name, timeout, f)
+	if err == nil {
+		r.con.Printf("%s", line)
+	}
+	return err
+}
+
+// timed runs f with a deadline and returns its stage line, or its error
+// naming the stage.
+func timed(ctx context.Context, name string, timeout time.Duration, f func(context.Context) (string, error)) (string, error) {
 	start := time.Now()
 	if timeout > 0 {
 		var cancel context.CancelFunc
@@ -126,10 +136,9 @@ func (r *runner) stage(ctx context.Context, name string, timeout time.Duration, 
 	}
 	summary, err := f(ctx)
 	if err != nil {
-		return fmt.Errorf("%s: %w", name, err)
+		return "", fmt.Errorf("%s: %w", name, err)
 	}
-	r.con.Printf("%s: %s (%.2fs)", name, summary, time.Since(start).Seconds())
-	return nil
+	return fmt.Sprintf("%s: %s (%.2fs)", name, summary, time.Since(start).Seconds()), nil
 }
 
 // Run executes stages 2–9. It returns only on failure.
@@ -343,7 +352,7 @@ func (r *runner) keysAndUnlock(ctx context.Context, id *identity, mods *backgrou
 		dev     prepared
 	)
 	for round := 0; ; round++ {
-		ks, err := r.fetch(ctx, id, start)
+		ks, line, err := r.fetch(ctx, id, start)
 		if err != nil {
 			return dev.root, nil, r.bg.fatal(err, errors.Is(err, keys.ErrGaveUp))
 		}
@@ -359,6 +368,10 @@ func (r *runner) keysAndUnlock(ctx context.Context, id *identity, mods *backgrou
 			}
 			pending = dev.vols
 		}
+		// Printed once the keys can be used, so that the console reads in
+		// the order the stages depend on each other (devices, key,
+		// volumes) whichever finished first.
+		r.con.Printf("%s", line)
 		got, err := r.unlock(ctx, pending, ks)
 		ks.Wipe()
 		opened = append(opened, got...)
@@ -381,11 +394,12 @@ func (r *runner) keysAndUnlock(ctx context.Context, id *identity, mods *backgrou
 	}
 }
 
-// fetch is stage 5. It has no stage deadline: Fetch enforces
-// give_up_after itself (from start), so that it can say so.
-func (r *runner) fetch(ctx context.Context, id *identity, start time.Time) (*keys.Keys, error) {
+// fetch is stage 5; it returns the keys and the stage line. It has no
+// stage deadline: Fetch enforces give_up_after itself (from start), so
+// that it can say so.
+func (r *runner) fetch(ctx context.Context, id *identity, start time.Time) (*keys.Keys, string, error) {
 	var ks *keys.Keys
-	err := r.stage(ctx, "key", 0, func(ctx context.Context) (string, error) {
+	line, err := timed(ctx, "key", 0, func(ctx context.Context) (string, error) {
 		var err error
 		ks, err = r.st.Fetch(ctx, keys.Config{
 			URLs:           r.cfg.Key.URLs,
@@ -404,7 +418,7 @@ func (r *runner) fetch(ctx context.Context, id *identity, start time.Time) (*key
 		}
 		return fmt.Sprintf("%d key(s) for host %s from %s", len(ks.Keys), id.host, ks.Server), nil
 	})
-	return ks, err
+	return ks, line, err
 }
 
 // unlock is the key half of stage 6.

@@ -259,6 +259,38 @@ func TestHeadersCheckedWhileKeyFetched(t *testing.T) {
 	if fe := fatal(t, f.run(ctx)); !errors.Is(fe, errSwitched) {
 		t.Fatalf("err = %v, want the boot to reach switch root", fe)
 	}
+	// The key came first, but the console reads in dependency order.
+	out := f.out.String()
+	if d, k := strings.Index(out, "unlockrd: devices: "), strings.Index(out, "unlockrd: key: 1 key(s)"); d < 0 || k < d {
+		t.Errorf("key line (at %d) before the devices line (at %d)", k, d)
+	}
+}
+
+// A devices failure while the key is fetched ends the boot; the key line,
+// which would suggest the boot went on, is not printed.
+func TestDevicesFailureWhileKeyFetched(t *testing.T) {
+	f := newFixture(t)
+	fetched := make(chan struct{})
+	f.st.Devices = func(ctx context.Context, cfg *config.Config, log ulog.Logger) (volumes.BlockDev, []volumes.Prepared, error) {
+		<-fetched
+		return volumes.BlockDev{}, nil, errors.New("volume data on /dev/vda2: LUKS header refused")
+	}
+	var held []byte
+	f.st.Fetch = func(ctx context.Context, cfg keys.Config, log ulog.Logger) (*keys.Keys, error) {
+		defer close(fetched)
+		held = []byte("key-1")
+		return &keys.Keys{Keys: [][]byte{held}, Server: "10.0.2.2:8443"}, nil
+	}
+	fe := fatal(t, f.run(t.Context()))
+	if fe.Reboot || !strings.Contains(fe.Error(), "devices: volume data on /dev/vda2: LUKS header refused") {
+		t.Fatalf("err = %v, want a halt naming the refused header", fe)
+	}
+	if out := f.out.String(); strings.Contains(out, "unlockrd: key: 1 key") || strings.Contains(out, "unlockrd: volumes:") {
+		t.Errorf("console suggests the boot went on past the refusal:\n%s", out)
+	}
+	if !bytes.Equal(held, make([]byte, len(held))) {
+		t.Errorf("the unused key was not wiped: %q", held)
+	}
 }
 
 // The refetch loop ("no key opens the volume, fetching again") uses the
