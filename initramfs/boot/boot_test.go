@@ -214,14 +214,17 @@ func TestFatalNamesEveryFailedStage(t *testing.T) {
 		return volumes.BlockDev{}, nil, errors.New("root: device not found: PARTLABEL=root")
 	}
 	f.st.Network = func(ctx context.Context, cfg netup.Config, log ulog.Logger) (Network, error) {
-		<-modsFailed
-		return nil, errors.New("no link configured")
+		<-ctx.Done()
+		return nil, fmt.Errorf("no link configured: %w", ctx.Err())
 	}
 	fe := fatal(t, f.run(t.Context()))
-	for _, want := range []string{"modules: dm_crypt: not found", "devices: root: device not found", "network: no link configured"} {
+	for _, want := range []string{"modules: dm_crypt: not found", "devices: root: device not found"} {
 		if !strings.Contains(fe.Error(), want) {
 			t.Errorf("fatal error %q lacks %q", fe, want)
 		}
+	}
+	if strings.Contains(fe.Error(), "network") {
+		t.Errorf("fatal error %q names the network, which was only stopped", fe)
 	}
 }
 
