@@ -145,10 +145,15 @@ func timed(ctx context.Context, name string, timeout time.Duration, f func(conte
 //
 // Stages 3, 4 and the device half of 6 overlap: the network driver and
 // the disk driver load in parallel, DHCP starts as soon as a link exists,
-// and headers are checked while the key is fetched (the fetch needs only
-// the network and the host's identity). Unlocking waits for the modules
-// (dm-crypt), the headers and the key. A background stage that fails stops
-// the boot at once, and the fatal error names every stage that failed.
+// and devices are found and headers checked while the network comes up.
+// The key is fetched only once every header has been accepted (DESIGN §6):
+// a host whose disk was tampered with never asks for its key, so the key
+// never sits in the memory of a boot that will not use it. That costs
+// almost nothing: the header checks take milliseconds once the disk is
+// there and overlap the network bring-up, which is nearly always longer.
+// Unlocking also waits for the modules (dm-crypt). A background stage that
+// fails stops the boot at once, and the fatal error names every stage
+// that failed.
 func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 	initStart := time.Now()
 	r := &runner{o: o, con: o.Console, st: DefaultStages()}
@@ -346,31 +351,28 @@ func (r *runner) notes(notes []string) {
 func (r *runner) keysAndUnlock(ctx context.Context, id *identity, mods *background, devs *deviceStage) (volumes.BlockDev, []volumes.Opened, error) {
 	giveUp := r.cfg.Key.GiveUpAfter.D()
 	start := r.st.Now()
-	var (
-		opened  []volumes.Opened
-		pending []volumes.Prepared
-		dev     prepared
-	)
+	// Headers first: no key is asked for on behalf of a refused header.
+	dev, err := devs.Wait()
+	if err != nil {
+		return dev.root, nil, r.bg.fatal(err, false)
+	}
+	var opened []volumes.Opened
+	pending := dev.vols
 	for round := 0; ; round++ {
 		ks, line, err := r.fetch(ctx, id, start)
 		if err != nil {
 			return dev.root, nil, r.bg.fatal(err, errors.Is(err, keys.ErrGaveUp))
 		}
 		if round == 0 {
-			// The key is here; unlocking needs dm-crypt and the headers.
-			err := mods.Wait()
-			if err == nil {
-				dev, err = devs.Wait()
-			}
-			if err != nil {
+			// The key is here; unlocking needs dm-crypt.
+			if err := mods.Wait(); err != nil {
 				ks.Wipe()
 				return dev.root, nil, r.bg.fatal(err, false)
 			}
-			pending = dev.vols
 		}
 		// Printed once the keys can be used, so that the console reads in
 		// the order the stages depend on each other (devices, key,
-		// volumes) whichever finished first.
+		// volumes) even when the modules stage ends last.
 		r.con.Printf("%s", line)
 		got, err := r.unlock(ctx, pending, ks)
 		ks.Wipe()
