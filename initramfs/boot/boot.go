@@ -7,19 +7,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/unlockrd/unlockrd/initramfs/config"
-	"github.com/unlockrd/unlockrd/initramfs/modload"
-	"github.com/unlockrd/unlockrd/initramfs/sysroot"
-	"github.com/unlockrd/unlockrd/netboot/netup"
 	"github.com/unlockrd/unlockrd/unlock/blockdev"
+
+	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/sysroot"
+	"github.com/unlockrd/unlockrd/initramfs/ulog"
+	"github.com/unlockrd/unlockrd/netboot/netup"
 	"github.com/unlockrd/unlockrd/unlock/keys"
-	"github.com/unlockrd/unlockrd/unlock/pin"
 	"github.com/unlockrd/unlockrd/unlock/volumes"
 	"golang.org/x/sys/unix"
 )
@@ -53,6 +52,8 @@ type Options struct {
 	Cmdline  string
 	Console  *Console
 	Timeouts Timeouts
+	// Stages are the entry points; the zero value means DefaultStages.
+	Stages *Stages
 }
 
 // Fatal is an error after which the host stops.
@@ -111,12 +112,24 @@ func bootTime() time.Duration {
 // runner carries what the stages share.
 type runner struct {
 	o   Options
+	st  Stages
 	con *Console
 	cfg *config.Config
+	bg  *group
 }
 
 // stage runs f with a deadline and prints "name: summary (1.23s)".
 func (r *runner) stage(ctx context.Context, name string, timeout time.Duration, f func(context.Context) (string, error)) error {
+	line, err := timed(ctx, name, timeout, f)
+	if err == nil {
+		r.con.Printf("%s", line)
+	}
+	return err
+}
+
+// timed runs f with a deadline and returns its stage line, or its error
+// naming the stage.
+func timed(ctx context.Context, name string, timeout time.Duration, f func(context.Context) (string, error)) (string, error) {
 	start := time.Now()
 	if timeout > 0 {
 		var cancel context.CancelFunc
@@ -125,216 +138,335 @@ func (r *runner) stage(ctx context.Context, name string, timeout time.Duration, 
 	}
 	summary, err := f(ctx)
 	if err != nil {
-		return fmt.Errorf("%s: %w", name, err)
+		return "", fmt.Errorf("%s: %w", name, err)
 	}
-	r.con.Printf("%s: %s (%.2fs)", name, summary, time.Since(start).Seconds())
-	return nil
+	return fmt.Sprintf("%s: %s (%.2fs)", name, summary, time.Since(start).Seconds()), nil
 }
 
 // Run executes stages 2–9. It returns only on failure.
+//
+// Stages 3, 4 and the device half of 6 overlap: the network driver and
+// the disk driver load in parallel, DHCP starts as soon as a link exists,
+// and devices are found and headers checked while the network comes up.
+// The key is fetched only once every header has been accepted (DESIGN §6):
+// a host whose disk was tampered with never asks for its key, so the key
+// never sits in the memory of a boot that will not use it. That costs
+// almost nothing: the header checks take milliseconds once the disk is
+// there and overlap the network bring-up, which is nearly always longer.
+// Unlocking also waits for the modules (dm-crypt). A background stage that
+// fails stops the boot at once, and the fatal error names every stage
+// that failed.
 func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 	initStart := time.Now()
-	r := &runner{o: o, con: o.Console}
+	r := &runner{o: o, con: o.Console, st: DefaultStages()}
+	if o.Stages != nil {
+		r.st = *o.Stages
+	}
+	cfg, err := r.config()
+	if err != nil {
+		return &Fatal{Err: err}
+	}
+	r.cfg = cfg
+	r.bg = newGroup(ctx)
+	ctx = r.bg.ctx
+	defer r.bg.stop(nil)
 
-	// Stage 2: configuration.
-	cfgBytes, err := os.ReadFile(filepath.Join(o.ImageRoot, config.ImagePath))
+	mods, driversLoaded := r.modules()
+	devs := r.devices()
+	net, err := r.network(ctx, driversLoaded)
 	if err != nil {
-		return &Fatal{Err: fmt.Errorf("config: %w", err)}
+		// Up has retried every link until the deadline; a reboot starts
+		// over from the drivers up, where halting would strand the host.
+		return r.bg.fatal(err, true)
 	}
-	cfg, err := config.LoadEmbedded(cfgBytes)
+	id, err := r.identity()
 	if err != nil {
-		return &Fatal{Err: fmt.Errorf("config: %w", err)}
+		return r.bg.fatal(err, false)
 	}
-	if err := cfg.ApplyCmdline(o.Cmdline); err != nil {
+	defer id.wipe()
+	root, opened, err := r.keysAndUnlock(ctx, id, mods, devs)
+	if err != nil {
+		return err
+	}
+	// Wiped here, not only by the deferred wipe: on success this function
+	// ends in exec, and deferred calls never run.
+	id.wipe()
+	if err := r.swap(ctx, opened); err != nil {
+		return r.bg.fatal(err, false)
+	}
+	if err := r.mount(ctx, root, opened); err != nil {
+		return r.bg.fatal(err, false)
+	}
+	r.teardown(net)
+	return r.switchRoot(initStart, kernelUptime)
+}
+
+// config is stage 2: the embedded configuration, validated, then the
+// kernel command line's overrides.
+func (r *runner) config() (*config.Config, error) {
+	b, err := os.ReadFile(filepath.Join(r.o.ImageRoot, config.ImagePath))
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	cfg, err := config.LoadEmbedded(b)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	warnings, err := cfg.ApplyCmdline(r.o.Cmdline)
+	if err != nil {
 		// A bad override is reported and the configured value kept: the
 		// image was validated, the command line was not.
 		for _, e := range strings.Split(err.Error(), "\n") {
 			r.con.Printf("config: %s; keeping the configured value", e)
 		}
 	}
-	for _, w := range cfg.Boot.Warnings {
+	for _, w := range warnings {
 		r.con.Printf("warning: %s", w)
 	}
 	r.con.SetDebug(cfg.Boot.Debug)
-	r.cfg = cfg
-	if err := modload.CheckRelease(o.ImageRoot); err != nil {
-		r.con.Printf("modules: %v", err)
-	}
+	return cfg, nil
+}
 
-	// Stages 3, 4 and the device half of 6 overlap: the network driver and
-	// the disk driver load in parallel, DHCP starts as soon as a link
-	// exists, and headers are checked while the key is fetched.
-	modsDone := make(chan error, 1)
-	// Closed once the modules stage ends: a link missing by then is not
-	// coming, so a misspelt ip= link name falls back to DHCP at once.
-	driversLoaded := make(chan struct{})
-	go func() {
-		defer close(driversLoaded)
-		modsDone <- r.stage(ctx, "modules", o.Timeouts.Modules, func(ctx context.Context) (string, error) {
-			mods, err := modload.ReadList(o.ImageRoot)
+// modules starts stage 3 in the background. The channel closes once it
+// ends: a link missing by then is not coming, so a misspelt ip= link name
+// falls back to DHCP at once.
+func (r *runner) modules() (*background, <-chan struct{}) {
+	loaded := make(chan struct{})
+	b := r.bg.start(func(ctx context.Context) error {
+		defer close(loaded)
+		return r.stage(ctx, "modules", r.o.Timeouts.Modules, func(ctx context.Context) (string, error) {
+			return r.st.Modules(ctx, r.o.ImageRoot, r.con)
+		})
+	})
+	return b, loaded
+}
+
+// prepared is what the devices stage found.
+type prepared struct {
+	root blockdev.BlockDev
+	vols []volumes.Prepared
+}
+
+// devices starts the device half of stage 6 in the background; its result
+// is read once the background stage is done.
+func (r *runner) devices() *deviceStage {
+	d := &deviceStage{}
+	// rd.unlockrd.device-timeout= shortens the wait (a test with a
+	// missing disk need not wait two minutes).
+	timeout := r.o.Timeouts.Devices
+	if r.cfg.Boot.DeviceTimeout > 0 {
+		timeout = r.cfg.Boot.DeviceTimeout
+	}
+	d.bg = r.bg.start(func(ctx context.Context) error {
+		return r.stage(ctx, "devices", timeout, func(ctx context.Context) (string, error) {
+			root, vols, err := r.st.Devices(ctx, r.cfg, ulog.Prefixed(r.con, "devices"))
 			if err != nil {
 				return "", err
 			}
-			res, err := modload.Load(ctx, o.ImageRoot, mods, nil, prefixed{r.con, "modules"})
-			for _, t := range res.Times {
-				r.con.Debugf("modules: %-22s %6.3fs .. %6.3fs", t.Name, t.Start.Seconds(), t.End.Seconds())
-			}
-			return res.String(), err
+			d.res = prepared{root, vols}
+			return describePrepared(root, vols), nil
 		})
-	}()
-	type prepResult struct {
-		vols []volumes.Prepared
-		root blockdev.BlockDev
-		err  error
-	}
-	prepDone := make(chan prepResult, 1)
-	go func() {
-		var pr prepResult
-		// rd.unlockrd.device-timeout= shortens the wait (a test with a
-		// missing disk need not wait two minutes).
-		devTimeout := o.Timeouts.Devices
-		if cfg.Boot.DeviceTimeout > 0 {
-			devTimeout = cfg.Boot.DeviceTimeout
-		}
-		pr.err = r.stage(ctx, "devices", devTimeout, func(ctx context.Context) (string, error) {
-			var err error
-			pr.root, pr.vols, err = r.prepare(ctx)
-			if err != nil {
-				return "", err
-			}
-			return describePrepared(pr.root, pr.vols), nil
-		})
-		prepDone <- pr
-	}()
+	})
+	return d
+}
 
-	var net *netup.Result
-	err = r.stage(ctx, "network", o.Timeouts.Network, func(ctx context.Context) (string, error) {
-		n, err := netup.Up(ctx, netup.Config{
-			IP:            cfg.Network.IP,
-			Nameservers:   cfg.Boot.Nameservers,
-			LinkTimeout:   o.Timeouts.Link,
+// deviceStage is the running devices stage.
+type deviceStage struct {
+	bg  *background
+	res prepared // valid once bg is done without error
+}
+
+// Wait returns the devices found once the stage is done.
+func (d *deviceStage) Wait() (prepared, error) {
+	if err := d.bg.Wait(); err != nil {
+		return prepared{}, err
+	}
+	return d.res, nil
+}
+
+// network is stage 4.
+func (r *runner) network(ctx context.Context, driversLoaded <-chan struct{}) (Network, error) {
+	var net Network
+	err := r.stage(ctx, "network", r.o.Timeouts.Network, func(ctx context.Context) (string, error) {
+		n, err := r.st.Network(ctx, netup.Config{
+			Plan:          r.cfg.Network.IP.Plan,
+			Nameservers:   r.cfg.Boot.Nameservers,
+			LinkTimeout:   r.o.Timeouts.Link,
 			DriversLoaded: driversLoaded,
-			Debug:         cfg.Boot.Debug,
-		}, prefixed{r.con, "network"})
+			Debug:         r.cfg.Boot.Debug,
+		}, ulog.Prefixed(r.con, "network"))
 		if err != nil {
 			return "", err
 		}
 		net = n
-		return net.String(), nil
+		return n.String(), nil
 	})
-	if err != nil {
-		// Up has retried every link until the deadline; a reboot starts
-		// over from the drivers up, where halting would strand the host.
-		return &Fatal{Err: err, Reboot: true}
-	}
+	return net, err
+}
 
-	// Stages 5 and 6: fetch, unlock; fetch again if no key fits (the
-	// operator may be fixing the server).
-	src := keys.Sources{CmdlineHost: cfg.Boot.Host, CmdlineToken: cfg.Boot.Token}
-	// Each source tried and found wanting is reported by name (notes)
-	// before the next is tried; see keys.Sources for the order.
-	host, hostFrom, notes, err := src.HostID(cfg.Key.Host)
-	for _, n := range notes {
-		r.con.Printf("key: %s", n)
-	}
-	if err != nil {
-		return &Fatal{Err: fmt.Errorf("key: %w", err)}
-	}
-	token, tokenFrom, notes, err := src.Token(cfg.Key.Token)
-	for _, n := range notes {
-		r.con.Printf("key: %s", n)
-	}
-	if err != nil {
-		return &Fatal{Err: fmt.Errorf("key: %w", err)}
-	}
-	defer clear(token)
-	pins, err := pin.ParseAll(cfg.Key.Pins)
-	if err != nil {
-		return &Fatal{Err: fmt.Errorf("key: pins%w", err)}
-	}
-	r.con.Debugf("key: host id %s from %s, token from %s", host, hostFrom, tokenFrom)
+// identity is what the key request says about the host.
+type identity struct {
+	host  string // empty when no URL names the host
+	token []byte // secret; wiped by wipe
+}
 
-	if err := <-modsDone; err != nil {
-		return &Fatal{Err: err}
-	}
-	pr := <-prepDone
-	if pr.err != nil {
-		return &Fatal{Err: pr.err}
-	}
+func (id *identity) wipe() { clear(id.token) }
 
-	var opened []volumes.Opened
-	pending := pr.vols
-	for {
-		var ks *keys.Keys
-		// No stage deadline: Fetch enforces give_up_after itself, so that
-		// it can say so (and the host reboots on keys.ErrGaveUp).
-		err := r.stage(ctx, "key", 0, func(ctx context.Context) (string, error) {
-			var err error
-			ks, err = keys.Fetch(ctx, keys.Config{
-				URLs:           cfg.Key.URLs,
-				Pins:           pins,
-				Host:           host,
-				Token:          token,
-				AttemptTimeout: cfg.Key.AttemptTimeout.D(),
-				GiveUpAfter:    cfg.Key.GiveUpAfter.D(),
-			}, prefixed{r.con, "key"})
-			if err != nil {
-				return "", err
-			}
-			return fmt.Sprintf("%d key(s) for host %s from %s", len(ks.Keys), host, ks.Server), nil
-		})
+// identity resolves the host id and the token (stage 5's inputs). The
+// host id is needed only when a URL names the host ({host}): one image
+// per host, or a static endpoint, boots without one and says nothing.
+func (r *runner) identity() (*identity, error) {
+	src := r.st.Identity
+	src.CmdlineHost, src.CmdlineToken = r.cfg.Boot.Host, r.cfg.Boot.Token
+	id := &identity{}
+	hostFrom := "nowhere (no URL names the host)"
+	if r.cfg.Key.NeedsHost() {
+		// Each source tried and found wanting is reported by name (notes)
+		// before the next is tried; see keys.Sources for the order.
+		host, from, notes, err := src.HostID(r.cfg.Key.Host)
+		r.notes(notes)
 		if err != nil {
-			return &Fatal{Err: err, Reboot: errors.Is(err, keys.ErrGaveUp)}
+			return nil, fmt.Errorf("key: %w", err)
 		}
-		var got []volumes.Opened
-		err = r.stage(ctx, "volumes", 0, func(ctx context.Context) (string, error) {
-			var err error
-			got, err = volumes.Unlock(ctx, pending, ks.Keys, volumes.Options{}, prefixed{r.con, "volumes"})
-			if err != nil {
-				return "", err
+		id.host, hostFrom = host, from
+	}
+	token, tokenFrom, notes, err := src.Token(r.cfg.Key.Token)
+	r.notes(notes)
+	if err != nil {
+		return nil, fmt.Errorf("key: %w", err)
+	}
+	id.token = token
+	r.con.Debugf("key: host id %s from %s, token from %s", id.host, hostFrom, tokenFrom)
+	return id, nil
+}
+
+func (r *runner) notes(notes []string) {
+	for _, n := range notes {
+		r.con.Printf("key: %s", n)
+	}
+}
+
+// keysAndUnlock is stages 5 and 6: fetch, unlock; fetch again if no key
+// fits (the operator may be fixing the server), with one backoff policy
+// and one give_up_after deadline counted from the first fetch, after
+// which the host reboots. Every fetched key is wiped before it returns.
+func (r *runner) keysAndUnlock(ctx context.Context, id *identity, mods *background, devs *deviceStage) (blockdev.BlockDev, []volumes.Opened, error) {
+	giveUp := r.cfg.Key.GiveUpAfter.D()
+	start := r.st.Now()
+	// Headers first: no key is asked for on behalf of a refused header.
+	dev, err := devs.Wait()
+	if err != nil {
+		return dev.root, nil, r.bg.fatal(err, false)
+	}
+	var opened []volumes.Opened
+	pending := dev.vols
+	for round := 0; ; round++ {
+		ks, line, err := r.fetch(ctx, id, start)
+		if err != nil {
+			return dev.root, nil, r.bg.fatal(err, errors.Is(err, keys.ErrGaveUp))
+		}
+		if round == 0 {
+			// The key is here; unlocking needs dm-crypt.
+			if err := mods.Wait(); err != nil {
+				ks.Wipe()
+				return dev.root, nil, r.bg.fatal(err, false)
 			}
-			var names []string
-			for _, g := range got {
-				names = append(names, g.Spec.Name)
-			}
-			return strings.Join(names, ", ") + " unlocked", nil
-		})
+		}
+		// Printed once the keys can be used, so that the console reads in
+		// the order the stages depend on each other (devices, key,
+		// volumes) even when the modules stage ends last.
+		r.con.Printf("%s", line)
+		got, err := r.unlock(ctx, pending, ks)
 		ks.Wipe()
 		opened = append(opened, got...)
 		pending = pending[len(got):]
 		if err == nil {
-			break
+			return dev.root, opened, nil
 		}
 		if !errors.Is(err, volumes.ErrNoKey) {
-			return &Fatal{Err: err}
+			return dev.root, nil, r.bg.fatal(err, false)
 		}
-		wait := time.Duration(rand.Int64N(int64(30*time.Second))) + 30*time.Second
+		wait := r.st.Refetch.Delay(round)
+		if giveUp > 0 && r.st.Now().Add(wait).Sub(start) > giveUp {
+			r.con.Printf("%v; giving up", err)
+			return dev.root, nil, r.bg.fatal(fmt.Errorf("key: %w after %s", keys.ErrGaveUp, giveUp), true)
+		}
 		r.con.Printf("%v; fetching the key again in %.1fs", err, wait.Seconds())
-		time.Sleep(wait)
+		if err := r.st.Sleep(ctx, wait); err != nil {
+			return dev.root, nil, r.bg.fatal(fmt.Errorf("key: %w", err), false)
+		}
 	}
-	// Wiped here, not only by the deferred clear: on success this function
-	// ends in exec, and deferred calls never run.
-	clear(token)
+}
 
+// fetch is stage 5; it returns the keys and the stage line. It has no
+// stage deadline: Fetch enforces give_up_after itself (from start), so
+// that it can say so.
+func (r *runner) fetch(ctx context.Context, id *identity, start time.Time) (*keys.Keys, string, error) {
+	var ks *keys.Keys
+	line, err := timed(ctx, "key", 0, func(ctx context.Context) (string, error) {
+		var err error
+		ks, err = r.st.Fetch(ctx, keys.Config{
+			URLs:           r.cfg.Key.URLs,
+			Pins:           r.cfg.Key.Pins,
+			Host:           id.host,
+			Token:          id.token,
+			AttemptTimeout: r.cfg.Key.AttemptTimeout.D(),
+			GiveUpAfter:    r.cfg.Key.GiveUpAfter.D(),
+			Since:          start,
+		}, ulog.Prefixed(r.con, "key"))
+		if err != nil {
+			return "", err
+		}
+		if id.host == "" {
+			return fmt.Sprintf("%d key(s) from %s", len(ks.Keys), ks.Server), nil
+		}
+		return fmt.Sprintf("%d key(s) for host %s from %s", len(ks.Keys), id.host, ks.Server), nil
+	})
+	return ks, line, err
+}
+
+// unlock is the key half of stage 6.
+func (r *runner) unlock(ctx context.Context, pending []volumes.Prepared, ks *keys.Keys) ([]volumes.Opened, error) {
+	var got []volumes.Opened
+	err := r.stage(ctx, "volumes", 0, func(ctx context.Context) (string, error) {
+		var err error
+		got, err = r.st.Unlock(ctx, pending, ks.Keys, ulog.Prefixed(r.con, "volumes"))
+		if err != nil {
+			return "", err
+		}
+		var names []string
+		for _, g := range got {
+			names = append(names, g.Spec.Name)
+		}
+		return strings.Join(names, ", ") + " unlocked", nil
+	})
+	return got, err
+}
+
+// swap enables the swap volumes (end of stage 6).
+func (r *runner) swap(ctx context.Context, opened []volumes.Opened) error {
 	for _, v := range opened {
 		if !v.Spec.Swap {
 			continue
 		}
 		err := r.stage(ctx, "swap", 30*time.Second, func(ctx context.Context) (string, error) {
-			if err := volumes.EnsureSwap(v.Path, prefixed{r.con, "swap"}); err != nil {
+			if err := r.st.Swap(v.Path, ulog.Prefixed(r.con, "swap")); err != nil {
 				return "", err
 			}
 			return v.Path + " enabled", nil
 		})
 		if err != nil {
-			return &Fatal{Err: err}
+			return err
 		}
 	}
+	return nil
+}
 
-	// Stage 7.
-	err = r.stage(ctx, "mount", o.Timeouts.Mount, func(ctx context.Context) (string, error) {
-		root, data := r.mounts(pr.root, opened)
-		if err := sysroot.MountAll(ctx, o.NewRoot, root, data); err != nil {
+// mount is stage 7.
+func (r *runner) mount(ctx context.Context, rootDev blockdev.BlockDev, opened []volumes.Opened) error {
+	return r.stage(ctx, "mount", r.o.Timeouts.Mount, func(ctx context.Context) (string, error) {
+		root, data := r.mounts(rootDev, opened)
+		if err := r.st.Mount(ctx, r.o.NewRoot, root, data); err != nil {
 			return "", err
 		}
 		parts := []string{fmt.Sprintf("/ (%s)", strings.TrimSpace(root.Source+" "+strings.Join(root.Options, ",")))}
@@ -343,50 +475,24 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 		}
 		return strings.Join(parts, ", "), nil
 	})
-	if err != nil {
-		return &Fatal{Err: err}
-	}
+}
 
-	// Stage 8.
-	if !cfg.Network.Keep {
+// teardown is stage 8. The keys were wiped as each unlock ended and the
+// token when the key stage ended (tests hold the buffers and check).
+func (r *runner) teardown(net Network) {
+	if !r.cfg.Network.Keep {
 		if err := net.Teardown(); err != nil {
 			r.con.Printf("network: teardown: %v", err)
 		}
 	}
-	r.con.Printf("cleanup: keys wiped, network %s", map[bool]string{true: "kept", false: "removed"}[cfg.Network.Keep])
-
-	// Stage 9.
-	r.con.Printf("switch root: exec %s (initramfs %.2fs, since kernel start %.2fs)",
-		cfg.Boot.Init, time.Since(initStart).Seconds(), (kernelUptime + time.Since(initStart)).Seconds())
-	err = sysroot.SwitchRoot(o.NewRoot, cfg.Boot.Init, []string{
-		"HOME=/", "TERM=linux", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-	})
-	return &Fatal{Err: err}
+	r.con.Printf("cleanup: keys wiped, network %s", map[bool]string{true: "kept", false: "removed"}[r.cfg.Network.Keep])
 }
 
-// prepare finds the root device and the volumes and validates headers. An
-// encrypted root becomes a volume named "root".
-func (r *runner) prepare(ctx context.Context) (blockdev.BlockDev, []volumes.Prepared, error) {
-	cfg := r.cfg
-	var sc blockdev.Scanner
-	root, rootErr := sc.Wait(ctx, cfg.Root.Device)
-	if rootErr != nil {
-		rootErr = fmt.Errorf("root: %w", rootErr)
-	}
-	var specs []volumes.Spec
-	// Either header copy: a root whose primary header is damaged opens
-	// from its secondary.
-	if root.Content.IsLUKS2() {
-		specs = append(specs, volumes.Spec{Name: "root", Device: cfg.Root.Device, NoWorkqueue: true})
-	}
-	for _, v := range cfg.Volumes {
-		specs = append(specs, volumes.Spec{Name: v.Name, Device: v.Device, Swap: v.Swap.On(),
-			RandomSwap: v.Swap == config.SwapRandom, AllowDiscards: v.AllowDiscards, NoWorkqueue: v.WorkqueueBypass()})
-	}
-	// Volumes are checked even when root is missing: one boot reports
-	// every problem.
-	vols, err := volumes.Prepare(ctx, specs, volumes.Options{Scanner: sc}, prefixed{r.con, "devices"})
-	return root, vols, errors.Join(rootErr, err)
+// switchRoot is stage 9; it returns only on failure.
+func (r *runner) switchRoot(initStart time.Time, kernelUptime time.Duration) error {
+	r.con.Printf("switch root: exec %s (initramfs %.2fs, since kernel start %.2fs)",
+		r.cfg.Boot.Init, time.Since(initStart).Seconds(), (kernelUptime + time.Since(initStart)).Seconds())
+	return &Fatal{Err: r.st.SwitchRoot(r.o.NewRoot, r.cfg.Boot.Init, sysroot.Env())}
 }
 
 func describePrepared(root blockdev.BlockDev, vols []volumes.Prepared) string {

@@ -67,13 +67,3 @@ func (c *Console) Debugf(format string, v ...any) {
 		c.Printf("debug: "+format, v...)
 	}
 }
-
-// prefixed logs through c with a stage prefix.
-type prefixed struct {
-	c      *Console
-	prefix string
-}
-
-func (p prefixed) Printf(format string, v ...any) {
-	p.c.Printf(p.prefix+": "+format, v...)
-}

@@ -3,9 +3,11 @@ package config
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/unlockrd/unlockrd/netboot/ipconf"
+	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
@@ -55,13 +57,15 @@ func SplitCmdline(s string) []Param {
 // ApplyCmdline overrides the configuration with kernel parameters
 // (DESIGN §4). A parameter with a bad value is not applied; the returned
 // error names each one, and the caller reports it and carries on with the
-// configured value. Warnings land in c.Boot.Warnings.
-func (c *Config) ApplyCmdline(cmdline string) error {
+// configured value. The warnings are about values that were applied but
+// are unwise; the caller prints them.
+func (c *Config) ApplyCmdline(cmdline string) (warnings []string, err error) {
 	var errs []error
 	bad := func(p Param, format string, a ...any) {
 		errs = append(errs, fmt.Errorf("kernel parameter %s: %s", p.Key, fmt.Sprintf(format, a...)))
 	}
-	var ips, urls, pins []string
+	var ips, urls []string
+	var pins []pin.Pin
 	for _, p := range SplitCmdline(cmdline) {
 		switch p.Key {
 		case "root":
@@ -102,11 +106,14 @@ func (c *Config) ApplyCmdline(cmdline string) error {
 			}
 			ips = append(ips, p.Value)
 		case "nameserver":
-			if _, err := ipconf.ParseNameserver(p.Value); err != nil {
+			a, err := ipconf.ParseNameserver(p.Value)
+			if err != nil {
 				errs = append(errs, err)
 				continue
 			}
-			c.Boot.Nameservers = append(c.Boot.Nameservers, p.Value)
+			if !slices.Contains(c.Boot.Nameservers, a) {
+				c.Boot.Nameservers = append(c.Boot.Nameservers, a)
+			}
 		case Prefix + "url":
 			if err := ValidateURL(p.Value); err != nil {
 				bad(p, "%v", err)
@@ -114,13 +121,14 @@ func (c *Config) ApplyCmdline(cmdline string) error {
 			}
 			urls = append(urls, p.Value)
 		case Prefix + "pin":
-			if _, err := pin.Parse(p.Value); err != nil {
+			v, err := pin.Parse(p.Value)
+			if err != nil {
 				bad(p, "%v", err)
 				continue
 			}
-			pins = append(pins, p.Value)
+			pins = append(pins, v)
 		case Prefix + "host":
-			if !ValidHostID(p.Value) {
+			if !keyproto.ValidHostID(p.Value) {
 				bad(p, "%q is not a valid host id", p.Value)
 				continue
 			}
@@ -133,7 +141,7 @@ func (c *Config) ApplyCmdline(cmdline string) error {
 				continue
 			}
 			c.Boot.Token = p.Value
-			c.Boot.Warnings = append(c.Boot.Warnings,
+			warnings = append(warnings,
 				Prefix+"token is readable by every user of the booted system through /proc/cmdline; prefer an SMBIOS credential")
 		case Prefix + "device-timeout":
 			d, err := parseDuration(p.Value)
@@ -154,10 +162,10 @@ func (c *Config) ApplyCmdline(cmdline string) error {
 	}
 	if len(ips) > 0 {
 		// Checked together: values fine alone may contradict each other.
-		if _, err := ipconf.Parse(ips); err != nil {
+		if plan, err := ParseIPPlan(ips); err != nil {
 			errs = append(errs, err)
 		} else {
-			c.Network.IP = ips
+			c.Network.IP = plan
 		}
 	}
 	if len(urls) > 0 {
@@ -169,7 +177,7 @@ func (c *Config) ApplyCmdline(cmdline string) error {
 	if c.Boot.ReadWrite != nil {
 		c.Root.Options = setRW(c.Root.Options, *c.Boot.ReadWrite)
 	}
-	return errors.Join(errs...)
+	return warnings, errors.Join(errs...)
 }
 
 // setRW replaces any ro/rw option with the requested one.

@@ -9,13 +9,13 @@ package config
 import (
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"net/url"
 	"path"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/unlockrd/unlockrd/netboot/ipconf"
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
@@ -37,22 +37,34 @@ type Config struct {
 
 // Key configures where and how the key is fetched (DESIGN §5).
 type Key struct {
-	URLs  []string `yaml:"urls" json:"urls"`
-	Pins  []string `yaml:"pins" json:"pins"`
-	Host  string   `yaml:"host" json:"host"`
-	Token string   `yaml:"token" json:"token,omitempty"`
+	URLs  []string    `yaml:"urls" json:"urls"`
+	Pins  []pin.Pin   `yaml:"pins" json:"pins"`
+	Host  HostSource  `yaml:"host" json:"host"`
+	Token TokenSource `yaml:"token" json:"token,omitzero"`
 	// AttemptTimeout bounds one request to one server.
 	AttemptTimeout Duration `yaml:"attempt_timeout" json:"attempt_timeout"`
 	// GiveUpAfter is 0 to retry forever, else the host reboots after it.
 	GiveUpAfter Duration `yaml:"give_up_after" json:"give_up_after"`
 }
 
+// NeedsHost reports whether some URL names the host ({host}): only then
+// is a host id needed at all (one image per host, or a static endpoint,
+// boots without one).
+func (k Key) NeedsHost() bool {
+	for _, u := range k.URLs {
+		if strings.Contains(u, keyproto.HostPlaceholder) {
+			return true
+		}
+	}
+	return false
+}
+
 // Network configures stage 4.
 type Network struct {
-	// IP holds ip= values in the dracut/klibc forms; a single YAML string
-	// or a list. Empty means "dhcp".
-	IP   StringList `yaml:"ip" json:"ip,omitempty"`
-	Keep bool       `yaml:"keep" json:"keep"`
+	// IP holds ip= values in the dracut/klibc forms (a single YAML string
+	// or a list) and their plan. Empty means "dhcp".
+	IP   IPPlan `yaml:"ip" json:"ip,omitzero"`
+	Keep bool   `yaml:"keep" json:"keep"`
 }
 
 // Root is the real root file system.
@@ -135,18 +147,16 @@ func (v Volume) WorkqueueBypass() bool { return v.NoWorkqueue == nil || *v.NoWor
 // Boot is the part of the configuration that comes only from the kernel
 // command line.
 type Boot struct {
-	Init        string   // init= (default /sbin/init)
-	Nameservers []string // nameserver=
-	Debug       bool     // rd.unlockrd.debug
-	Host        string   // rd.unlockrd.host=
-	Token       string   // rd.unlockrd.token= (secret: never log it)
+	Init        string       // init= (default /sbin/init)
+	Nameservers []netip.Addr // nameserver=, in order, without duplicates
+	Debug       bool         // rd.unlockrd.debug
+	Host        string       // rd.unlockrd.host= (a valid host id)
+	Token       string       // rd.unlockrd.token= (secret: never log it)
 	// ReadWrite is set by "rw", cleared by "ro"; nil leaves root.options alone.
 	ReadWrite *bool
 	// DeviceTimeout (rd.unlockrd.device-timeout=) bounds the wait for the
 	// root and volume devices; 0 keeps the built-in default (2 minutes).
 	DeviceTimeout time.Duration
-	// Warnings are printed by the init once the console is up.
-	Warnings []string
 }
 
 // Defaults applied by Normalize.
@@ -161,11 +171,11 @@ func (c *Config) Normalize() {
 	if c.Key.AttemptTimeout == 0 {
 		c.Key.AttemptTimeout = Duration(DefaultAttemptTimeout)
 	}
-	if c.Key.Host == "" {
-		c.Key.Host = "smbios-uuid"
+	if c.Key.Host.From == SourceNone {
+		c.Key.Host = HostSource{From: SourceSMBIOSUUID}
 	}
-	if len(c.Network.IP) == 0 {
-		c.Network.IP = StringList{DefaultIP}
+	if c.Network.IP.IsZero() {
+		c.Network.IP, _ = ParseIPPlan(nil) // "dhcp" always parses
 	}
 	if c.Boot.Init == "" {
 		c.Boot.Init = DefaultInit
@@ -194,18 +204,13 @@ func (c *Config) Validate() error {
 	if len(c.Key.Pins) == 0 {
 		return fieldErr("key.pins", "at least one pin is required: the server is trusted only through a pin")
 	}
-	for i, p := range c.Key.Pins {
-		if _, err := pin.Parse(p); err != nil {
-			return fieldErr(fmt.Sprintf("key.pins[%d]", i), err.Error())
-		}
+	// Pins, key.host, key.token and network.ip were parsed when read;
+	// a value built in Go is checked the same way here.
+	if _, err := ParseHostSource(c.Key.Host.String()); err != nil {
+		return fieldErr("key.host", err.Error())
 	}
-	if err := validateSource("key.host", c.Key.Host, false); err != nil {
-		return err
-	}
-	if c.Key.Token != "" {
-		if err := validateSource("key.token", c.Key.Token, true); err != nil {
-			return err
-		}
+	if _, err := ParseTokenSource(c.Key.Token.String()); err != nil {
+		return fieldErr("key.token", err.Error())
 	}
 	if c.Key.AttemptTimeout < 0 {
 		return fieldErr("key.attempt_timeout", "must not be negative")
@@ -213,9 +218,7 @@ func (c *Config) Validate() error {
 	if c.Key.GiveUpAfter < 0 {
 		return fieldErr("key.give_up_after", "must not be negative")
 	}
-	// The parser the initramfs runs (pure, shared): an image never
-	// carries an ip= it would have to fall back from.
-	if _, err := ipconf.Parse(c.Network.IP); err != nil {
+	if _, err := ParseIPPlan(c.Network.IP.Values); err != nil {
 		return fieldErr("network.ip", err.Error())
 	}
 	if c.Root.Device == "" {
@@ -316,30 +319,6 @@ func ValidateURL(s string) error {
 	return nil
 }
 
-// validateSource checks key.host / key.token values.
-func validateSource(field, v string, token bool) error {
-	switch {
-	case v == "cmdline", v == "credential":
-		return nil
-	case !token && v == "smbios-uuid":
-		return nil
-	case token && strings.HasPrefix(v, "file:"):
-		if p := strings.TrimPrefix(v, "file:"); !path.IsAbs(p) {
-			return fieldErr(field, fmt.Sprintf("file:%s must be an absolute path inside the image", p))
-		}
-		return nil
-	case token:
-		return fieldErr(field, fmt.Sprintf("%q: want credential, cmdline or file:PATH (a literal token would sit on the unencrypted boot medium)", v))
-	}
-	if !ValidHostID(v) {
-		return fieldErr(field, fmt.Sprintf("%q: want smbios-uuid, cmdline, credential or a literal host id (letters, digits, . _ -)", v))
-	}
-	return nil
-}
-
-// ValidHostID reports whether s can be used as a host id in a URL path.
-func ValidHostID(s string) bool { return keyproto.ValidHostID(s) }
-
 // ValidateDeviceRef checks the syntax of a device reference.
 func ValidateDeviceRef(s string) error {
 	k, v, ok := strings.Cut(s, "=")
@@ -401,9 +380,6 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 	return err
 }
 
-// StringList accepts a single string or a list of strings.
-type StringList []string
-
 // Embed returns the JSON form stored in the image.
 func (c *Config) Embed() ([]byte, error) {
 	b, err := json.MarshalIndent(c, "", "  ")
@@ -413,7 +389,8 @@ func (c *Config) Embed() ([]byte, error) {
 	return append(b, '\n'), nil
 }
 
-// LoadEmbedded parses the JSON form stored in the image, strictly.
+// LoadEmbedded parses the JSON form stored in the image, strictly, and
+// validates it.
 func LoadEmbedded(b []byte) (*Config, error) {
 	var c Config
 	dec := json.NewDecoder(strings.NewReader(string(b)))
@@ -422,5 +399,10 @@ func LoadEmbedded(b []byte) (*Config, error) {
 		return nil, fmt.Errorf("embedded configuration: %w", err)
 	}
 	c.Normalize()
+	// The builder validated it; checked again because the init acts on
+	// it and an image can be assembled by other means.
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("embedded configuration: %w", err)
+	}
 	return &c, nil
 }

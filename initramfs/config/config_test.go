@@ -2,11 +2,12 @@ package config_test
 
 import (
 	"errors"
-	"github.com/unlockrd/unlockrd/initramfs/config"
-	"github.com/unlockrd/unlockrd/initramfs/host/yamlconfig"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/host/yamlconfig"
 )
 
 const goodPin = "sha256//7HIpactkIAq2Y49orFOOQKurWxmmSFZhBCoQYcRhJ3Y="
@@ -64,7 +65,7 @@ func TestParseGood(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c2.Key.AttemptTimeout != c.Key.AttemptTimeout || c2.Volumes[0].Name != "data" || c2.Key.Pins[0] != goodPin {
+	if c2.Key.AttemptTimeout != c.Key.AttemptTimeout || c2.Volumes[0].Name != "data" || c2.Key.Pins[0].String() != goodPin {
 		t.Errorf("round trip lost data: %+v", c2)
 	}
 }
@@ -126,7 +127,7 @@ func TestApplyCmdline(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = c.ApplyCmdline(`console=ttyS0 root=PARTLABEL=other rw ip=eth0:dhcp ip=eth1:dhcp ` +
+	warnings, err := c.ApplyCmdline(`console=ttyS0 root=PARTLABEL=other rw ip=eth0:dhcp ip=eth1:dhcp ` +
 		`rd.unlockrd.url=https://10.0.2.2:9443/k/{host} rd.unlockrd.pin=` + goodPin +
 		` rd.unlockrd.host=vm-7 rd.unlockrd.token=s3cret rd.unlockrd.keep-network init=/bin/sh "rootflags=data=ordered"`)
 	if err != nil {
@@ -138,7 +139,7 @@ func TestApplyCmdline(t *testing.T) {
 	if got := strings.Join(c.Root.Options, ","); got != "data=ordered,rw" {
 		t.Errorf("root options = %q", got)
 	}
-	if len(c.Network.IP) != 2 || c.Network.IP[1] != "eth1:dhcp" {
+	if len(c.Network.IP.Values) != 2 || c.Network.IP.Values[1] != "eth1:dhcp" || len(c.Network.IP.Plan.Links) != 2 {
 		t.Errorf("ip = %v", c.Network.IP)
 	}
 	if len(c.Key.URLs) != 1 || c.Key.URLs[0] != "https://10.0.2.2:9443/k/{host}" {
@@ -147,8 +148,8 @@ func TestApplyCmdline(t *testing.T) {
 	if c.Boot.Host != "vm-7" || c.Boot.Token != "s3cret" {
 		t.Errorf("host/token = %q/%q", c.Boot.Host, c.Boot.Token)
 	}
-	if len(c.Boot.Warnings) != 1 || !strings.Contains(c.Boot.Warnings[0], "/proc/cmdline") {
-		t.Errorf("no warning for the command-line token: %v", c.Boot.Warnings)
+	if len(warnings) != 1 || !strings.Contains(warnings[0], "/proc/cmdline") {
+		t.Errorf("no warning for the command-line token: %v", warnings)
 	}
 }
 
@@ -157,7 +158,7 @@ func TestApplyCmdlineBadValuesKeepConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = c.ApplyCmdline("rd.unlockrd.pin=sha256//bad rd.unlockrd.url=http://x/ root=NOPE=1 rd.unlockrd.bogus=1")
+	_, err = c.ApplyCmdline("rd.unlockrd.pin=sha256//bad rd.unlockrd.url=http://x/ root=NOPE=1 rd.unlockrd.bogus=1")
 	if err == nil {
 		t.Fatal("no error for bad parameters")
 	}
@@ -166,7 +167,7 @@ func TestApplyCmdlineBadValuesKeepConfig(t *testing.T) {
 			t.Errorf("error %q does not name %s", err, want)
 		}
 	}
-	if c.Key.Pins[0] != goodPin || c.Root.Device != "PARTLABEL=root" || len(c.Key.URLs) != 2 {
+	if c.Key.Pins[0].String() != goodPin || c.Root.Device != "PARTLABEL=root" || len(c.Key.URLs) != 2 {
 		t.Errorf("bad overrides were applied: %+v", c.Key)
 	}
 }
@@ -220,10 +221,86 @@ func TestSwapModesAndVolumeOptions(t *testing.T) {
 
 func TestDeviceTimeoutParameter(t *testing.T) {
 	c, _ := yamlconfig.Parse([]byte(good))
-	if err := c.ApplyCmdline("rd.unlockrd.device-timeout=15s"); err != nil || c.Boot.DeviceTimeout != 15*time.Second {
+	if _, err := c.ApplyCmdline("rd.unlockrd.device-timeout=15s"); err != nil || c.Boot.DeviceTimeout != 15*time.Second {
 		t.Fatalf("device-timeout = %s, err %v", c.Boot.DeviceTimeout, err)
 	}
-	if err := c.ApplyCmdline("rd.unlockrd.device-timeout=soon"); err == nil || c.Boot.DeviceTimeout != 15*time.Second {
+	if _, err := c.ApplyCmdline("rd.unlockrd.device-timeout=soon"); err == nil || c.Boot.DeviceTimeout != 15*time.Second {
 		t.Fatalf("bad value accepted: %s, err %v", c.Boot.DeviceTimeout, err)
+	}
+}
+
+// An image's JSON as the builder wrote it before the leaves were typed
+// still loads, into typed values, and is written back the same.
+func TestEmbeddedTypedLeavesCompatible(t *testing.T) {
+	const old = `{
+  "key": {
+    "urls": ["https://10.0.2.2:8443/v1/keys/{host}"],
+    "pins": ["` + goodPin + `"],
+    "host": "cmdline",
+    "token": "file:/etc/unlockrd/token",
+    "attempt_timeout": "10s",
+    "give_up_after": "0s"
+  },
+  "network": {"ip": ["eth0:dhcp", "eth0:auto6"], "keep": false},
+  "root": {"device": "PARTLABEL=root"},
+  "volumes": null,
+  "modules": null
+}`
+	c, err := config.LoadEmbedded([]byte(old))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Key.Pins[0].String() != goodPin || c.Key.Host.From != config.SourceCmdline ||
+		c.Key.Token.From != config.SourceFile || c.Key.Token.Path != "/etc/unlockrd/token" {
+		t.Errorf("key = %+v", c.Key)
+	}
+	if len(c.Network.IP.Plan.Links) != 1 || c.Network.IP.Plan.Links[0].Methods.String() != "dhcp+auto6" {
+		t.Errorf("ip plan = %+v", c.Network.IP.Plan)
+	}
+	b, err := c.Embed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"pins": [` + "\n" + `      "` + goodPin + `"`, `"host": "cmdline"`, `"token": "file:/etc/unlockrd/token"`, `"eth0:auto6"`} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("embedded form lacks %s:\n%s", want, b)
+		}
+	}
+	// An unset token is left out, as before; an unset host is the UUID.
+	c.Key.Token = config.TokenSource{}
+	c.Key.Host = config.HostSource{}
+	c.Normalize()
+	b, _ = c.Embed()
+	if strings.Contains(string(b), `"token"`) || !strings.Contains(string(b), `"host": "smbios-uuid"`) {
+		t.Errorf("unset token/host embed as:\n%s", b)
+	}
+}
+
+// LoadEmbedded validates: the init acts on nothing the builder would
+// have refused.
+func TestLoadEmbeddedValidates(t *testing.T) {
+	for _, tc := range []struct{ json, want string }{
+		{`{"key":{"urls":[],"pins":["` + goodPin + `"]},"root":{"device":"PARTLABEL=root"}}`, "key.urls"},
+		{`{"key":{"urls":["https://k/{host}"],"pins":["sha256//x"]},"root":{"device":"PARTLABEL=root"}}`, "malformed pin"},
+		{`{"key":{"urls":["https://k/{host}"],"pins":["` + goodPin + `"],"token":"hunter2"},"root":{"device":"PARTLABEL=root"}}`, "literal token"},
+		{`{"key":{"urls":["https://k/{host}"],"pins":["` + goodPin + `"]},"network":{"ip":["eth0:dhcpp"]},"root":{"device":"PARTLABEL=root"}}`, "network.ip"},
+		{`{"key":{"urls":["https://k/{host}"],"pins":["` + goodPin + `"]},"root":{"device":"NOPE=1"}}`, "root.device"},
+	} {
+		_, err := config.LoadEmbedded([]byte(tc.json))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want %q", tc.json, err, tc.want)
+		}
+		if err != nil && strings.Contains(err.Error(), "hunter2") {
+			t.Errorf("the error quotes what may be a token: %v", err)
+		}
+	}
+}
+
+func TestNeedsHost(t *testing.T) {
+	if (config.Key{URLs: []string{"https://a/v1/key", "https://b/k"}}).NeedsHost() {
+		t.Error("no {host}, but a host id is needed")
+	}
+	if !(config.Key{URLs: []string{"https://a/v1/key", "https://b/k/{host}"}}).NeedsHost() {
+		t.Error("{host} in a URL, but no host id needed")
 	}
 }

@@ -2,11 +2,13 @@ package config_test
 
 import (
 	"errors"
-	"github.com/unlockrd/unlockrd/initramfs/config"
-	"github.com/unlockrd/unlockrd/initramfs/host/yamlconfig"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/host/yamlconfig"
 )
 
 // network.ip is validated at build time by the parser the initramfs runs.
@@ -42,7 +44,7 @@ func TestCmdlineIPAndNameserver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	err = c.ApplyCmdline("ip=eth1:dhcp ip=10.0.0.2:::24::eth1:none nameserver=10.0.0.53 nameserver=dns.example nameserver=[2001:db8::53]")
+	_, err = c.ApplyCmdline("ip=eth1:dhcp ip=10.0.0.2:::24::eth1:none nameserver=10.0.0.53 nameserver=dns.example nameserver=[2001:db8::53]")
 	if err == nil {
 		t.Fatal("no error for conflicting ip= values and a bad nameserver=")
 	}
@@ -51,16 +53,16 @@ func TestCmdlineIPAndNameserver(t *testing.T) {
 			t.Errorf("error %q lacks %q", err, want)
 		}
 	}
-	if !slices.Equal(c.Network.IP, []string{"eth0:dhcp"}) {
-		t.Errorf("network.ip = %q, want the configured eth0:dhcp kept", c.Network.IP)
+	if !slices.Equal(c.Network.IP.Values, []string{"eth0:dhcp"}) {
+		t.Errorf("network.ip = %q, want the configured eth0:dhcp kept", c.Network.IP.Values)
 	}
-	if !slices.Equal(c.Boot.Nameservers, []string{"10.0.0.53", "[2001:db8::53]"}) {
+	if !slices.Equal(c.Boot.Nameservers, []netip.Addr{netip.MustParseAddr("10.0.0.53"), netip.MustParseAddr("2001:db8::53")}) {
 		t.Errorf("nameservers = %q", c.Boot.Nameservers)
 	}
-	if err := c.ApplyCmdline("ip=eth1:dhcp ip=eth1:auto6"); err != nil {
+	if _, err := c.ApplyCmdline("ip=eth1:dhcp ip=eth1:auto6"); err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(c.Network.IP, []string{"eth1:dhcp", "eth1:auto6"}) {
-		t.Errorf("network.ip = %q after good ip= values", c.Network.IP)
+	if !slices.Equal(c.Network.IP.Values, []string{"eth1:dhcp", "eth1:auto6"}) {
+		t.Errorf("network.ip = %q after good ip= values", c.Network.IP.Values)
 	}
 }

@@ -20,18 +20,20 @@ func (d *Duration) UnmarshalYAML(unmarshal func(any) error) error {
 	return nil
 }
 
-// UnmarshalYAML accepts a scalar or a sequence of scalars.
-func (l *StringList) UnmarshalYAML(unmarshal func(any) error) error {
+// UnmarshalYAML accepts a scalar or a sequence of scalars and parses them.
+func (p *IPPlan) UnmarshalYAML(unmarshal func(any) error) error {
+	var vs []string
 	var one string
 	if err := unmarshal(&one); err == nil {
-		*l = StringList{one}
-		return nil
-	}
-	var many []string
-	if err := unmarshal(&many); err != nil {
+		vs = []string{one}
+	} else if err := unmarshal(&vs); err != nil {
 		return fmt.Errorf("want a string or a list of strings")
 	}
-	*l = many
+	v, err := ParseIPPlan(vs)
+	if err != nil {
+		return err
+	}
+	*p = v
 	return nil
 }
 

@@ -32,10 +32,11 @@ import (
 
 // Config is what stage 4 needs from the configuration.
 type Config struct {
-	// IP holds ip= values (dracut/klibc forms); empty means "dhcp".
-	IP []string
+	// Plan is the parsed ip= values (package ipconf); the zero Plan
+	// means "dhcp" (ipconf.Default).
+	Plan ipconf.Plan
 	// Nameservers from nameserver= come first in resolv.conf.
-	Nameservers []string
+	Nameservers []netip.Addr
 	// LinkTimeout bounds the wait for the links the plan names to appear
 	// (drivers register links asynchronously); default 30s.
 	LinkTimeout time.Duration
@@ -113,24 +114,17 @@ func (r *Result) String() string {
 func Up(ctx context.Context, cfg Config, log ulog.Logger) (*Result, error) {
 	cfg.defaults()
 	u := &upper{cfg: cfg, log: log}
-	plan, err := ipconf.Parse(cfg.IP)
-	if err != nil {
-		log.Printf("%v; falling back to DHCP on every link", err)
+	plan := cfg.Plan
+	if !plan.None && len(plan.Links) == 0 {
 		plan = ipconf.Default()
 	}
-	var ns []netip.Addr
-	for _, v := range cfg.Nameservers {
-		a, err := ipconf.ParseNameserver(v)
-		if err != nil {
-			log.Printf("%v; ignored", err)
-			continue
-		}
-		if !slices.Contains(ns, a) {
-			ns = append(ns, a)
-		}
-	}
+	ns := cfg.Nameservers
 	if plan.None || !slices.ContainsFunc(plan.Links, func(l ipconf.Link) bool { return !l.Off }) {
-		log.Printf("ip=%s: no link configured", strings.Join(cfg.IP, " ip="))
+		vs := planValues(plan)
+		if len(vs) == 0 {
+			vs = plan.Format() // ip=none keeps no link, so no values
+		}
+		log.Printf("ip=%s: no link configured", strings.Join(vs, " ip="))
 		return &Result{Method: "none"}, nil
 	}
 	if err := loUp(); err != nil {

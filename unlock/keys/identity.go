@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/unlockrd/unlockrd/initramfs/config"
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 )
 
@@ -63,20 +64,25 @@ const (
 // present but malformed).
 var errAbsent = errors.New("not present")
 
-// HostID resolves key.host: "smbios-uuid", "cmdline", "credential" or a
-// literal id. It returns the id, the source it came from, and notes to
-// print (fallbacks taken, values ignored).
-func (s Sources) HostID(source string) (id, from string, notes []string, err error) {
-	if source == "" {
-		source = "smbios-uuid"
-	}
-	auto := map[string]string{"cmdline": srcCmdlineHost, "credential": srcCredHost, "smbios-uuid": srcUUID}
-	first, ok := auto[source]
-	if !ok {
-		if s.CmdlineHost != "" && s.CmdlineHost != source {
-			notes = append(notes, fmt.Sprintf("%s ignored: key.host names the host (%s)", srcCmdlineHost, source))
+// HostID resolves key.host (smbios-uuid, cmdline, credential or a literal
+// id; the zero value is smbios-uuid). It returns the id, the source it came
+// from, and notes to print (fallbacks taken, values ignored).
+func (s Sources) HostID(source config.HostSource) (id, from string, notes []string, err error) {
+	var first string
+	switch source.From {
+	case config.SourceLiteral:
+		if s.CmdlineHost != "" && s.CmdlineHost != source.ID {
+			notes = append(notes, fmt.Sprintf("%s ignored: key.host names the host (%s)", srcCmdlineHost, source.ID))
 		}
-		return source, "configuration", notes, nil
+		return source.ID, "configuration", notes, nil
+	case config.SourceCmdline:
+		first = srcCmdlineHost
+	case config.SourceCredential:
+		first = srcCredHost
+	case config.SourceSMBIOSUUID, config.SourceNone:
+		first = srcUUID
+	default:
+		return "", "", nil, fmt.Errorf("host id: key.host cannot be %s", source)
 	}
 	order := []string{first}
 	for _, o := range []string{srcCmdlineHost, srcCredHost, srcUUID} {
@@ -150,28 +156,29 @@ func (s Sources) hostFrom(src string) (string, error) {
 	return "", fmt.Errorf("unknown source %q", src)
 }
 
-// Token resolves key.token ("credential", "cmdline", "file:PATH", or ""
-// for none configured). It returns the token bytes (the caller wipes
+// Token resolves key.token (credential, cmdline, file:PATH, or the zero
+// value for none configured). It returns the token bytes (the caller wipes
 // them), where they came from, and notes to print (warnings, fallbacks
 // taken, values ignored). With no source configured and none present, it
 // returns no token and no error.
-func (s Sources) Token(source string) (tok []byte, from string, notes []string, err error) {
+func (s Sources) Token(source config.TokenSource) (tok []byte, from string, notes []string, err error) {
 	var order []string
-	switch {
-	case source == "" || source == "credential":
+	unset := source.From == config.SourceNone
+	switch source.From {
+	case config.SourceNone, config.SourceCredential:
 		order = []string{srcCredToken, srcCmdlineToken}
-	case source == "cmdline":
+	case config.SourceCmdline:
 		order = []string{srcCmdlineToken, srcCredToken}
-	case strings.HasPrefix(source, "file:"):
-		order = []string{source, srcCredToken, srcCmdlineToken}
+	case config.SourceFile:
+		order = []string{source.String(), srcCredToken, srcCmdlineToken}
 	default:
-		return nil, "", nil, fmt.Errorf("token: unknown source %q", source)
+		return nil, "", nil, fmt.Errorf("token: key.token cannot be %s", source)
 	}
 	var failed []string
 	for i, src := range order {
 		t, err := s.tokenFrom(src)
 		if err != nil {
-			if (i == 0 && source != "") || !errors.Is(err, errAbsent) {
+			if (i == 0 && !unset) || !errors.Is(err, errAbsent) {
 				failed = append(failed, fmt.Sprintf("%s: %v", src, err))
 			}
 			continue
@@ -187,10 +194,10 @@ func (s Sources) Token(source string) (tok []byte, from string, notes []string, 
 		}
 		return t, src, notes, nil
 	}
-	if source == "" && len(failed) == 0 {
+	if unset && len(failed) == 0 {
 		return nil, "none", nil, nil
 	}
-	if source == "" {
+	if unset {
 		// Something was there but malformed: say so, and go on without.
 		return nil, "none", []string{fmt.Sprintf("token: %s; sending no token", strings.Join(failed, "; "))}, nil
 	}

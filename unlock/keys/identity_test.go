@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/unlockrd/unlockrd/initramfs/config"
 )
 
 // sysFixture lays out the /sys files the identity code reads.
@@ -133,7 +135,11 @@ func TestTokenSources(t *testing.T) {
 				tc.setup(t, f)
 			}
 			src := Sources{SysRoot: f.root, FileRoot: f.root, CmdlineToken: tc.cmdline}
-			got, from, notes, err := src.Token(tc.source)
+			ts, err := config.ParseTokenSource(tc.source)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, from, notes, err := src.Token(ts)
 			noTokenIn(t, []string{tok, bad, "cmdline-token", base64.StdEncoding.EncodeToString([]byte(tok))}, notes, err)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
@@ -208,7 +214,14 @@ func TestHostSources(t *testing.T) {
 			if tc.setup != nil {
 				tc.setup(t, f)
 			}
-			got, from, notes, err := Sources{SysRoot: f.root, CmdlineHost: tc.cmdline}.HostID(tc.source)
+			var hs config.HostSource // "" is the zero value: smbios-uuid
+			if tc.source != "" {
+				var err error
+				if hs, err = config.ParseHostSource(tc.source); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, from, notes, err := Sources{SysRoot: f.root, CmdlineHost: tc.cmdline}.HostID(hs)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("err = %v, want %q", err, tc.err)

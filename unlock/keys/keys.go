@@ -68,6 +68,10 @@ type Config struct {
 	AttemptTimeout time.Duration
 	// GiveUpAfter ends the retries with ErrGaveUp; 0 retries forever.
 	GiveUpAfter time.Duration
+	// Since is when GiveUpAfter started counting (default: the call).
+	// A caller that fetches again (no key opened a volume) passes the
+	// time of its first fetch, so that give_up_after bounds them all.
+	Since time.Time
 	// Stagger is how long an attempt may go unanswered before the next
 	// URL is tried beside it (default 1s).
 	Stagger time.Duration
@@ -207,10 +211,17 @@ func Fetch(ctx context.Context, cfg Config, log ulog.Logger) (*Keys, error) {
 		f.targets = append(f.targets, u)
 	}
 	f.start = cfg.Now()
+	if !cfg.Since.IsZero() {
+		f.start = cfg.Since
+	}
 	if cfg.GiveUpAfter > 0 {
+		left := cfg.GiveUpAfter - cfg.Now().Sub(f.start)
+		if left <= 0 {
+			return nil, fmt.Errorf("%w after %s", ErrGaveUp, cfg.GiveUpAfter)
+		}
 		// Also ends an attempt in flight when the time is up.
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeoutCause(ctx, cfg.GiveUpAfter, ErrGaveUp)
+		ctx, cancel = context.WithTimeoutCause(ctx, left, ErrGaveUp)
 		defer cancel()
 	}
 	for round := 0; ; round++ {

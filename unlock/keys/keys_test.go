@@ -544,3 +544,37 @@ func TestParseRetryAfter(t *testing.T) {
 		}
 	}
 }
+
+// TestGiveUpAfterCountsFromSince: a refetch shares the first fetch's
+// deadline, so give_up_after bounds the whole key stage.
+func TestGiveUpAfterCountsFromSince(t *testing.T) {
+	down := closedPort(t)
+	now := time.Unix(1e9, 0)
+	_, err, _, waits := fetch(t, []string{"https://" + down + "/{host}"}, []pin.Pin{{}}, 1000, func(c *Config) {
+		c.GiveUpAfter = 5 * time.Minute
+		c.Since = now.Add(-4*time.Minute - 50*time.Second)
+		c.Now = func() time.Time { return now }
+		sl := c.Sleep
+		c.Sleep = func(ctx context.Context, d time.Duration) error {
+			now = now.Add(d)
+			return sl(ctx, d)
+		}
+	})
+	if !errors.Is(err, ErrGaveUp) {
+		t.Fatalf("err = %v, want ErrGaveUp", err)
+	}
+	var total time.Duration
+	for _, w := range waits {
+		total += w
+	}
+	if total > 10*time.Second {
+		t.Fatalf("slept %s in all: the deadline did not count from Since", total)
+	}
+	_, err, log, _ := fetch(t, []string{"https://" + down + "/{host}"}, []pin.Pin{{}}, 1000, func(c *Config) {
+		c.GiveUpAfter = time.Minute
+		c.Since = time.Now().Add(-2 * time.Minute)
+	})
+	if !errors.Is(err, ErrGaveUp) || len(log.Lines()) != 0 {
+		t.Fatalf("past the deadline: err = %v, lines %q; want ErrGaveUp without an attempt", err, log.Lines())
+	}
+}

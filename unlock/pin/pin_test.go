@@ -106,3 +106,18 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestPinTextRoundTrip(t *testing.T) {
+	const s = "sha256//7HIpactkIAq2Y49orFOOQKurWxmmSFZhBCoQYcRhJ3Y="
+	var p Pin
+	if err := p.UnmarshalText([]byte(s)); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := p.MarshalText()
+	if string(b) != s {
+		t.Fatalf("round trip: %s", b)
+	}
+	if err := p.UnmarshalText([]byte("sha256//nope")); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("malformed pin: err = %v", err)
+	}
+}

@@ -5,6 +5,7 @@ package yamlconfig
 
 import (
 	"bytes"
+	"encoding"
 	"errors"
 	"fmt"
 	"io"
@@ -58,6 +59,9 @@ func checkKeys(n *yaml.Node, t reflect.Type, at string) error {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
+	if isLeaf(t) {
+		return nil // a typed leaf (pins, ip=, source words) decodes itself
+	}
 	switch t.Kind() {
 	case reflect.Struct:
 		if n.Kind != yaml.MappingNode {
@@ -104,12 +108,35 @@ func checkKeys(n *yaml.Node, t reflect.Type, at string) error {
 			return nil // scalars are checked by Decode (StringList takes one)
 		}
 		for i, c := range n.Content {
-			if err := checkKeys(c, t.Elem(), fmt.Sprintf("%s[%d]", at, i)); err != nil {
+			p := fmt.Sprintf("%s[%d]", at, i)
+			if err := checkKeys(c, t.Elem(), p); err != nil {
 				return err
+			}
+			// A leaf decoded alone ties its error to its index
+			// (key.pins[1], not key.pins).
+			if isLeaf(t.Elem()) {
+				if err := c.Decode(reflect.New(t.Elem()).Interface()); err != nil {
+					return &config.FieldError{Field: p, Msg: strings.TrimPrefix(typeErr(err).Error(), "YAML: ")}
+				}
 			}
 		}
 	}
 	return nil
+}
+
+// isLeaf reports whether t decodes itself from YAML (a typed leaf of the
+// configuration) rather than being walked field by field.
+func isLeaf(t reflect.Type) bool {
+	pt := reflect.PointerTo(t)
+	return pt.Implements(reflect.TypeFor[yaml.Unmarshaler]()) ||
+		pt.Implements(reflect.TypeFor[encoding.TextUnmarshaler]()) ||
+		pt.Implements(reflect.TypeFor[obsoleteUnmarshaler]())
+}
+
+// obsoleteUnmarshaler is the yaml.v2-style method the config leaves use
+// (so that package config needs no YAML import); yaml.v3 honours it.
+type obsoleteUnmarshaler interface {
+	UnmarshalYAML(unmarshal func(any) error) error
 }
 
 func join(at, k string) string {
