@@ -11,6 +11,8 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
 
 // wantSet is the set the image of DESIGN §3 asks for.
@@ -24,10 +26,7 @@ func kernelTree(t *testing.T) string {
 	if testing.Short() {
 		t.Skip("-short: skipping tests on the real kernel module tree")
 	}
-	dir, err := filepath.Abs("../../../.cache/kernel/modules")
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir := kernelcache.ForTest(t).Modules
 	if _, err := os.Stat(filepath.Join(dir, "kernel")); err != nil {
 		t.Fatalf("kernel module tree missing (%v): run make kernel (qemu-tests/setup/fetch-kernel.sh)", err)
 	}
