@@ -298,7 +298,10 @@ type ImageConfig struct {
 	AttemptTimeout string
 }
 
-// DefaultModules are what the skeleton needs on Debian's kernel.
+// DefaultModules are what the skeleton needs on Debian's kernels, as the
+// README's and DESIGN §3's example lists them. The builder adds to them by
+// default the accelerated AES drivers (aesni_intel and its dependencies,
+// optional), so the image under test is the default image.
 var DefaultModules = []string{"virtio_pci", "virtio_blk", "virtio_net", "dm_crypt", "ext4"}
 
 var configTmpl = template.Must(template.New("cfg").Parse(`key:

@@ -138,8 +138,8 @@ func (o *oracle) providers(target string) []string {
 }
 
 // add walks modinfo's depends and softdep fields recursively, plus the
-// builder's documented implication (dm_crypt needs xts; aesni_intel is
-// left to the configuration).
+// builder's documented implications (dm_crypt needs xts, and carries
+// aesni_intel as an optional acceleration).
 func (o *oracle) add(name string, required bool) {
 	if o.files[name] == "" {
 		if o.builtin[name] {
@@ -183,6 +183,10 @@ func (o *oracle) add(name string, required bool) {
 	if name == "dm_crypt" {
 		o.before[name] = append(o.before[name], "xts")
 		o.add("xts", required)
+		if o.files["aesni_intel"] != "" {
+			o.before[name] = append(o.before[name], "aesni_intel")
+			o.add("aesni_intel", false)
+		}
 	}
 }
 
