@@ -15,6 +15,8 @@ import (
 	"sync"
 	"text/template"
 	"time"
+
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
 
 // Bins are unlockrd's own binaries, built from the checkout.
@@ -296,6 +298,9 @@ type ImageConfig struct {
 	Modules []string
 	// AttemptTimeout default 5s: the tests kill servers on purpose.
 	AttemptTimeout string
+	// Kernel is the cached kernel's name (kernelcache.Names) whose
+	// modules the image is built from; default kernelcache.Default.
+	Kernel string
 }
 
 // DefaultModules are what the skeleton needs on Debian's kernels, as the
@@ -374,9 +379,13 @@ func (c ImageConfig) YAML() string {
 }
 
 // BuildImage writes cfg to dir/unlockrd.yaml and runs `mkunlockrd build`
-// for the cached kernel into dir/initramfs.img.
+// for the cached kernel cfg.Kernel into dir/initramfs.img.
 func BuildImage(ctx context.Context, b *Bins, cfg ImageConfig, dir string, extra ...string) (string, error) {
-	k, err := Kernel()
+	name := cfg.Kernel
+	if name == "" {
+		name = kernelcache.Default
+	}
+	k, err := KernelNamed(name)
 	if err != nil {
 		return "", err
 	}
