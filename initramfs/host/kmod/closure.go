@@ -153,7 +153,10 @@ func (t *Tree) resolveRequest(n string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	provs := t.inTree(idx.lookup(n))
+	provs, err := t.confirm(t.inTree(idx.lookup(n)), n)
+	if err != nil {
+		return "", err
+	}
 	switch {
 	case len(provs) == 1:
 		t.note("module %s: an alias of %s", n, provs[0])
@@ -177,6 +180,27 @@ func (t *Tree) inTree(names []string) []string {
 		}
 	}
 	return out
+}
+
+// confirm keeps the candidates whose own .modinfo section, read whole and
+// exactly, declares an alias matching target: the tree-wide alias scan of
+// compressed modules reads only a prefix of each (scanAliasesXZ).
+func (t *Tree) confirm(cands []string, target string) ([]string, error) {
+	var out []string
+	for _, c := range cands {
+		mi, err := t.modinfo(c)
+		if err != nil {
+			return nil, err
+		}
+		idx := newAliasIndex()
+		for _, a := range mi.aliases {
+			idx.add(a, c)
+		}
+		if len(idx.lookup(target)) > 0 {
+			out = append(out, c)
+		}
+	}
+	return out, nil
 }
 
 // edges are the modules one module must follow (hard, pre, implied) or
@@ -281,7 +305,10 @@ func (c *closer) providers(of string, targets []string) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		provs := t.inTree(idx.lookup(target))
+		provs, err := t.confirm(t.inTree(idx.lookup(target)), target)
+		if err != nil {
+			return nil, err
+		}
 		if len(provs) == 0 && len(t.builtinAliases.lookup(target)) == 0 {
 			t.note("module %s: soft dependency %s: no module provides it; skipped", of, target)
 		}

@@ -266,6 +266,17 @@ func (t *Tree) buildAliasIndex() (*aliasIndex, error) {
 			defer wg.Done()
 			for i := range next {
 				p := filepath.Join(t.dir, filepath.FromSlash(t.files[names[i]]))
+				if strings.HasSuffix(p, ".ko.xz") {
+					as, ok, err := scanAliasesXZ(p, names[i])
+					if err != nil {
+						errs[i] = fmt.Errorf("module %s: %w", names[i], err)
+						continue
+					}
+					if ok {
+						aliases[i] = as
+						continue
+					}
+				}
 				mi, err := readModinfoFile(p)
 				if err != nil {
 					errs[i] = fmt.Errorf("module %s: %w", names[i], err)

@@ -530,3 +530,120 @@ func TestOpenNotModuleTree(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+// TestClosureSameWithoutModulesDep: on every cached kernel (Debian 13's
+// with .ko.xz modules, Debian 12's plain), the closure read from the
+// modules themselves equals the one read from depmod's files for the same
+// tree: same modules, paths, optional flags and dependency sets. (The load
+// order may differ where both are right: modules.dep lists a module's
+// dependencies in depmod's order, .modinfo in the linker's.)
+func TestClosureSameWithoutModulesDep(t *testing.T) {
+	needTool(t, "depmod")
+	kernelcache.Each(t, func(t *testing.T, k kernelcache.Files) {
+		tree, err := Open(k.Modules)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tree.HasModulesDep() {
+			t.Fatalf("%s has a modules.dep: the test needs a tree without one", k.Modules)
+		}
+		// depmod writes its files beside kernel/, which stays the cache's
+		// (a symbolic link: the tree is not copied).
+		base := t.TempDir()
+		dst := filepath.Join(base, "lib", "modules", tree.Release())
+		if err := os.MkdirAll(dst, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(filepath.Join(k.Modules, "kernel"), filepath.Join(dst, "kernel")); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []string{"modules.builtin", "modules.builtin.modinfo", "modules.order"} {
+			b, err := os.ReadFile(filepath.Join(k.Modules, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dst, f), b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		run(t, "depmod", "-b", base, tree.Release())
+		dtree, err := Open(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !dtree.HasModulesDep() {
+			t.Fatal("modules.dep not used")
+		}
+		for _, set := range [][]string{wantSet, {"virtio_scsi", "sd_mod", "nvme", "xfs", "btrfs", "dm_crypt"}} {
+			want, err := dtree.Closure(set)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := tree.Closure(set)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if g, w := canonical(got), canonical(want); !reflect.DeepEqual(g, w) {
+				t.Errorf("closure of %v without modules.dep\n got %v\nwant %v (with modules.dep)", set, g, w)
+			}
+			pos := map[string]int{}
+			for i, m := range got {
+				pos[m.Name] = i
+			}
+			for _, m := range got {
+				for _, d := range m.Deps {
+					if pos[d] >= pos[m.Name] {
+						t.Errorf("%s loads before its dependency %s", m.Name, d)
+					}
+				}
+			}
+		}
+	})
+}
+
+// TestAliasScanMatchesModinfo: the prefix scan of compressed modules
+// (scanAliasesXZ) finds exactly the aliases of the whole .modinfo section,
+// on a sample of Debian 13's .ko.xz tree.
+func TestAliasScanMatchesModinfo(t *testing.T) {
+	k := kernelcache.ForTestNamed(t, kernelcache.Debian13)
+	tree, err := Open(k.Modules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := 0
+	for i, n := range sortedNames(tree.files) {
+		p := filepath.Join(k.Modules, tree.files[n])
+		if i%5 != 0 || !strings.HasSuffix(p, ".ko.xz") {
+			continue
+		}
+		got, ok, err := scanAliasesXZ(p, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			continue
+		}
+		found++
+		mi, err := readModinfoFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, mi.aliases) {
+			t.Errorf("%s: scan found aliases %q, .modinfo has %q", n, got, mi.aliases)
+		}
+	}
+	if found < 100 {
+		t.Errorf("the scan found .modinfo in only %d modules: it is not being tested", found)
+	}
+}
+
+// canonical sorts a closure and each module's deps by name.
+func canonical(ms []Module) []Module {
+	out := make([]Module, len(ms))
+	for i, m := range ms {
+		m.Deps = slices.Sorted(slices.Values(m.Deps))
+		out[i] = m
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
