@@ -186,8 +186,18 @@ func (t *Tree) inTree(names []string) []string {
 // exactly, declares an alias matching target: the tree-wide alias scan of
 // compressed modules reads only a prefix of each (scanAliasesXZ).
 func (t *Tree) confirm(cands []string, target string) ([]string, error) {
+	t.mu.Lock()
+	fromIndexFile := t.aliasesFromFile
+	t.mu.Unlock()
+	if fromIndexFile {
+		return cands, nil // modules.alias is the truth
+	}
 	var out []string
 	for _, c := range cands {
+		if !strings.HasSuffix(t.files[c], ".ko.xz") {
+			out = append(out, c) // read whole already
+			continue
+		}
 		mi, err := t.modinfo(c)
 		if err != nil {
 			return nil, err

@@ -249,6 +249,9 @@ func (t *Tree) buildAliasIndex() (*aliasIndex, error) {
 	if t.hasDep {
 		idx, err := readModulesAlias(filepath.Join(t.dir, "modules.alias"))
 		if err == nil {
+			t.mu.Lock()
+			t.aliasesFromFile = true
+			t.mu.Unlock()
 			return idx, nil
 		}
 		if !errors.Is(err, fs.ErrNotExist) {
