@@ -11,6 +11,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
@@ -540,6 +541,8 @@ func TestOpenNotModuleTree(t *testing.T) {
 func TestClosureSameWithoutModulesDep(t *testing.T) {
 	needTool(t, "depmod")
 	kernelcache.Each(t, func(t *testing.T, k kernelcache.Files) {
+		// A cold alias cache: the scan itself is under test.
+		t.Setenv("XDG_CACHE_HOME", t.TempDir())
 		tree, err := Open(k.Modules)
 		if err != nil {
 			t.Fatal(err)
@@ -646,4 +649,58 @@ func canonical(ms []Module) []Module {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
+}
+
+// TestAliasCache: a second build on the same tree reads the alias scan
+// from the user cache, with the same closure; a tree that changed is
+// scanned again.
+func TestAliasCache(t *testing.T) {
+	k := kernelcache.ForTestNamed(t, kernelcache.Debian13)
+	cacheHome := t.TempDir()
+	t.Setenv("XDG_CACHE_HOME", cacheHome)
+	set := []string{"ext4", "dm_crypt"} // ext4's softdep is an alias
+	closure := func(dir string) []Module {
+		tree, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := tree.Closure(set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	files := func() []string {
+		m, _ := filepath.Glob(filepath.Join(cacheHome, "unlockrd", "kmod-aliases", "*.json"))
+		return m
+	}
+	first := closure(k.Modules)
+	if n := len(files()); n != 1 {
+		t.Fatalf("%d alias cache files after a scan, want 1", n)
+	}
+	if second := closure(k.Modules); !reflect.DeepEqual(first, second) {
+		t.Errorf("closure from the cache\n got %v\nwant %v", second, first)
+	}
+	if n := len(files()); n != 1 {
+		t.Errorf("%d alias cache files after a cached build, want still 1", n)
+	}
+	// A damaged cache file is scanned over.
+	if err := os.WriteFile(files()[0], []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if again := closure(k.Modules); !reflect.DeepEqual(first, again) {
+		t.Errorf("closure with a damaged cache\n got %v\nwant %v", again, first)
+	}
+	// A changed tree (a module file newer) gets its own scan.
+	base := t.TempDir()
+	dst := filepath.Join(base, "modules")
+	run(t, "cp", "-a", k.Modules, dst)
+	p := filepath.Join(dst, "kernel", "crypto", "xts.ko.xz")
+	if err := os.Chtimes(p, time.Now(), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	closure(dst)
+	if n := len(files()); n != 2 {
+		t.Errorf("%d alias cache files after a build on a changed tree, want 2", n)
+	}
 }
