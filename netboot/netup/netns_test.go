@@ -654,11 +654,12 @@ func TestIntegrationSLAACSiteLocal(t *testing.T) {
 	if r.Method != "auto6" || len(r.Addrs) != 1 || !strings.HasPrefix(r.Addrs[0], "fec0::") || !strings.HasSuffix(r.Addrs[0], "/64") {
 		t.Fatalf("result %+v, want one fec0::/64 address by auto6", r)
 	}
+	reach(t, n.client, srv, "fec0::2")
+	c.teardown()
+	// After teardown the child has exited: its log is complete.
 	if got := c.lines(`auto6 fec0::[0-9a-f:]+/64 \(site-local\)`); len(got) == 0 {
 		t.Errorf("no console line giving the address's scope:\n%s", c.log())
 	}
-	reach(t, n.client, srv, "fec0::2")
-	c.teardown()
 }
 
 func TestIntegrationSLAAC(t *testing.T) {
