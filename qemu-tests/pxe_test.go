@@ -15,6 +15,7 @@ import (
 	"github.com/unlockrd/unlockrd/initramfs/host/image"
 	"github.com/unlockrd/unlockrd/netboot/host/pxe"
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
 
 // requestLog serves a folder over HTTP and records the paths asked for.
@@ -45,13 +46,13 @@ func (l *requestLog) get() []string {
 // has to unlock and switch root exactly like a direct-kernel boot, with the
 // kernel command line the script passed.
 func TestNetbootPXEUnlocksAndSwitchesRoot(t *testing.T) {
+	kernelcache.Each(t, testNetbootPXE)
+}
+
+func testNetbootPXE(t *testing.T, k harness.KernelFiles) {
 	ctx := t.Context()
-	s := newSkeleton(t, ctx)
+	s := newSkeletonOn(t, ctx, k)
 	s.start(t, ctx)
-	k, err := harness.Kernel()
-	if err != nil {
-		t.Fatal(err)
-	}
 	dir := t.TempDir()
 	yml := filepath.Join(dir, "unlockrd.yaml")
 	cfg := harness.ImageConfig{URLs: []string{s.server.GuestURL()}, Pins: []string{s.server.Pin}}

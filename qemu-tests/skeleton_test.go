@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
 
 // Deadlines are minutes, not seconds: a TCG boot that takes 12 s can take
@@ -34,11 +35,19 @@ type skeleton struct {
 	key    []byte
 	fx     *harness.Fixture
 	server *harness.KeyServer
+	kernel harness.KernelFiles // the image's modules and the VM's kernel
 }
 
+// newSkeleton sets up the default kernel's skeleton.
 func newSkeleton(t *testing.T, ctx context.Context) *skeleton {
 	t.Helper()
-	s := &skeleton{dir: t.TempDir(), uuid: randomUUID(t)}
+	return newSkeletonOn(t, ctx, kernelcache.ForTest(t))
+}
+
+// newSkeletonOn sets up a skeleton that boots kernel k.
+func newSkeletonOn(t *testing.T, ctx context.Context, k harness.KernelFiles) *skeleton {
+	t.Helper()
+	s := &skeleton{dir: t.TempDir(), uuid: randomUUID(t), kernel: k}
 	e, err := harness.Enroll(ctx, s.dir, s.uuid)
 	if err != nil {
 		t.Fatal(err)
@@ -73,6 +82,9 @@ func (s *skeleton) image(t *testing.T, ctx context.Context, cfg harness.ImageCon
 	if cfg.Pins == nil {
 		cfg.Pins = []string{s.server.Pin}
 	}
+	if cfg.Kernel == "" {
+		cfg.Kernel = s.kernel.Name
+	}
 	img, err := harness.BuildImage(ctx, s.bins, cfg, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
@@ -82,6 +94,7 @@ func (s *skeleton) image(t *testing.T, ctx context.Context, cfg harness.ImageCon
 
 func (s *skeleton) vmOptions(img string) harness.VMOptions {
 	return harness.VMOptions{
+		Kernel:    s.kernel.Vmlinuz,
 		Initramfs: img,
 		Disks:     []harness.Drive{{Path: s.fx.Disk.Path}},
 		UUID:      s.uuid,
@@ -111,13 +124,19 @@ func stageLine(stage string) string {
 	return `^unlockrd: ` + regexp.QuoteMeta(stage) + `: .* \([0-9]+\.[0-9]{2}s\)$`
 }
 
+// TestSkeletonBootUnlocksAndSwitchesRoot runs on every cached kernel, on
+// QEMU's "max" CPU (AES-NI): the data volume's mapping must hold the
+// AES-NI implementation of xts(aes), which the default image carries.
 func TestSkeletonBootUnlocksAndSwitchesRoot(t *testing.T) {
+	kernelcache.Each(t, testSkeletonBoot)
+}
+
+func testSkeletonBoot(t *testing.T, k harness.KernelFiles) {
 	ctx := t.Context()
-	s := newSkeleton(t, ctx)
+	s := newSkeletonOn(t, ctx, k)
 	s.start(t, ctx)
 	img := s.image(t, ctx, harness.ImageConfig{})
 	vm := harness.StartVM(t, s.vmOptions(img))
-
 	vm.ExpectLine(`^unlockrd: switch root: exec /sbin/init \(initramfs [0-9.]+s`, bootTimeout)
 	// Independent stages overlap, so their lines come in any order; each
 	// must be there, with its duration.
@@ -152,9 +171,73 @@ func TestSkeletonBootUnlocksAndSwitchesRoot(t *testing.T) {
 	if !ok || !strings.Contains(tbl, "aes-xts-plain64") {
 		t.Errorf("dm table of data = %q", tbl)
 	}
+	assertXTSAES(t, rep, "aesni_intel")
 	vm.Wait(bootTimeout)
 	if !strings.Contains(s.server.Logs(), s.uuid) {
 		t.Errorf("key server audit log does not mention the host:\n%s", s.server.Logs())
+	}
+}
+
+// TestSkeletonWithoutAESNIUsesGenericAES: on a CPU without AES-NI the
+// default image's optional aesni_intel fails to load, the boot goes on,
+// unlocks, and the mappings use the generic AES code.
+func TestSkeletonWithoutAESNIUsesGenericAES(t *testing.T) {
+	kernelcache.Each(t, func(t *testing.T, k harness.KernelFiles) {
+		ctx := t.Context()
+		s := newSkeletonOn(t, ctx, k)
+		s.start(t, ctx)
+		img := s.image(t, ctx, harness.ImageConfig{})
+		o := s.vmOptions(img)
+		o.CPU = harness.CPUNoAES
+		vm := harness.StartVM(t, o)
+		vm.ExpectLine(`^unlockrd: switch root: exec /sbin/init`, bootTimeout)
+		l, ok := vm.Find(`^unlockrd: modules: module aesni_intel \(optional\) not loaded`)
+		if !ok {
+			t.Errorf("no console line saying the optional aesni_intel did not load")
+		}
+		t.Logf("console: %s", l.Text)
+		rep := vm.ExpectReport(bootTimeout)
+		if f, ok := rep.Files[harness.HelloPath]; !ok || f.SHA256 != s.fx.HelloSHA256() {
+			t.Errorf("data file %s = %+v, want sha256 %s", harness.HelloPath, f, s.fx.HelloSHA256())
+		}
+		assertXTSAES(t, rep, "")
+		vm.Wait(bootTimeout)
+	})
+}
+
+// assertXTSAES checks which xts(aes) implementation the mappings hold: the
+// one whose reference count the open mappings raised, from the guest's
+// /proc/crypto. module "" means the generic code (no aesni_intel at all).
+func assertXTSAES(t *testing.T, rep *harness.Report, module string) {
+	t.Helper()
+	impls := rep.XTSAES()
+	for _, l := range rep.Crypto {
+		t.Logf("guest /proc/crypto: %s", l)
+	}
+	for _, l := range rep.Modules {
+		t.Logf("guest /proc/modules: %s", l)
+	}
+	var used *harness.CryptoImpl
+	for i, c := range impls {
+		if used == nil || c.Refcnt > used.Refcnt {
+			used = &impls[i]
+		}
+	}
+	if used == nil || used.Refcnt < 2 {
+		t.Fatalf("no xts(aes) implementation in use in the guest's /proc/crypto: %q", rep.Crypto)
+	}
+	switch {
+	case module != "" && used.Module != module:
+		t.Errorf("the mappings use %s (module %s), want the %s implementation", used.Driver, used.Module, module)
+	case module == "":
+		for _, c := range impls {
+			if c.Module == "aesni_intel" {
+				t.Errorf("aesni_intel registered %s on a CPU without AES-NI", c.Driver)
+			}
+		}
+		if !strings.Contains(used.Driver, "generic") {
+			t.Errorf("the mappings use %s (module %s), want the generic AES code", used.Driver, used.Module)
+		}
 	}
 }
 
@@ -192,8 +275,12 @@ func assertUnchanged(t *testing.T, before map[string][]byte, fx *harness.Fixture
 }
 
 func TestSkeletonWrongPinNeverUnlocks(t *testing.T) {
+	kernelcache.Each(t, testWrongPin)
+}
+
+func testWrongPin(t *testing.T, k harness.KernelFiles) {
 	ctx := t.Context()
-	s := newSkeleton(t, ctx)
+	s := newSkeletonOn(t, ctx, k)
 	s.start(t, ctx)
 	// A pin of another server's key: the real server must be refused.
 	otherPin, err := harness.NewKeyServerData(ctx, s.bins.KeyServer, filepath.Join(s.dir, "other"))

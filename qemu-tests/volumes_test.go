@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
 
 // volSetup is a key server with one enrolled host and a disk of the
@@ -28,11 +29,19 @@ type volSetup struct {
 	disk   *harness.BuiltDisk
 	hello  []byte
 	server *harness.KeyServer
+	kernel harness.KernelFiles
 }
 
+// newVolSetup sets up the default kernel's test.
 func newVolSetup(t *testing.T, ctx context.Context, layout func(key, hello []byte) harness.Disk) *volSetup {
 	t.Helper()
-	s := &volSetup{dir: t.TempDir(), uuid: randomUUID(t)}
+	return newVolSetupOn(t, ctx, kernelcache.ForTest(t), layout)
+}
+
+// newVolSetupOn sets up a test that boots kernel k.
+func newVolSetupOn(t *testing.T, ctx context.Context, k harness.KernelFiles, layout func(key, hello []byte) harness.Disk) *volSetup {
+	t.Helper()
+	s := &volSetup{dir: t.TempDir(), uuid: randomUUID(t), kernel: k}
 	e, err := harness.Enroll(ctx, s.dir, s.uuid)
 	if err != nil {
 		t.Fatal(err)
@@ -59,10 +68,7 @@ func (s *volSetup) start(t *testing.T, ctx context.Context) {
 // volumes:), YAML the test writes itself.
 func (s *volSetup) image(t *testing.T, ctx context.Context, rest string) string {
 	t.Helper()
-	k, err := harness.Kernel()
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := s.kernel
 	yml := fmt.Sprintf(`key:
   urls:
     - %s
@@ -88,6 +94,7 @@ modules: [%s]
 
 func (s *volSetup) vm(t *testing.T, img string, disks []harness.Drive, appendArgs ...string) *harness.TestVM {
 	return harness.StartVM(t, harness.VMOptions{
+		Kernel:    s.kernel.Vmlinuz,
 		Initramfs: img,
 		Disks:     disks,
 		UUID:      s.uuid,
@@ -122,8 +129,12 @@ func flagsOf(table string) string {
 // only old. "rw" on the command line makes the ro root read-write. The
 // guest's dm tables must carry exactly the flags configured.
 func TestVolumesEncryptedRootRotationFlags(t *testing.T) {
+	kernelcache.Each(t, testEncryptedRoot)
+}
+
+func testEncryptedRoot(t *testing.T, k harness.KernelFiles) {
 	ctx := t.Context()
-	s := newVolSetup(t, ctx, func(key, hello []byte) harness.Disk {
+	s := newVolSetupOn(t, ctx, k, func(key, hello []byte) harness.Disk {
 		return harness.Disk{Partitions: []harness.Partition{
 			{Name: "root", Size: 48 << 20, LUKS: &harness.LUKS{Keys: [][]byte{key}, Label: "root"},
 				FS: harness.TestRoot("rootfs", harness.TestInitConfig{Files: []string{harness.HelloPath}}, harness.DataMountPoint)},
@@ -212,8 +223,12 @@ volumes:
 // data volume whose primary LUKS2 header is destroyed opens from its
 // intact secondary copy.
 func TestVolumesRandomSwapAndSecondaryHeader(t *testing.T) {
+	kernelcache.Each(t, testRandomSwap)
+}
+
+func testRandomSwap(t *testing.T, k harness.KernelFiles) {
 	ctx := t.Context()
-	s := newVolSetup(t, ctx, func(key, hello []byte) harness.Disk {
+	s := newVolSetupOn(t, ctx, k, func(key, hello []byte) harness.Disk {
 		return harness.Disk{Partitions: []harness.Partition{
 			{Name: "root", Size: 32 << 20, FS: harness.TestRoot("root", harness.TestInitConfig{Files: []string{harness.HelloPath}}, harness.DataMountPoint)},
 			{Name: "data", Size: 24 << 20, LUKS: &harness.LUKS{Keys: [][]byte{key}, Label: "data"},

@@ -18,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
+
 	"github.com/unlockrd/unlockrd/initramfs/host/image"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
@@ -57,17 +59,7 @@ modules: [virtio_blk, dm_crypt, ext4]
 
 func modulesDir(t *testing.T) string {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("-short: skipping tests that need the kernel cache")
-	}
-	dir, err := filepath.Abs("../../.cache/kernel/modules")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(filepath.Join(dir, "kernel")); err != nil {
-		t.Fatalf("kernel cache missing (%v): run make kernel", err)
-	}
-	return dir
+	return kernelcache.ForTest(t).Modules
 }
 
 type result struct {

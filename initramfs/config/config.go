@@ -30,6 +30,9 @@ type Config struct {
 	Root    Root     `yaml:"root" json:"root"`
 	Volumes []Volume `yaml:"volumes" json:"volumes"`
 	Modules []string `yaml:"modules" json:"modules"`
+	// NoCipherAcceleration leaves out the accelerated cipher drivers the
+	// builder adds by default (aesni_intel on x86-64). Build time only.
+	NoCipherAcceleration bool `yaml:"no_cipher_acceleration" json:"-"`
 
 	// Boot holds what only the kernel command line sets.
 	Boot Boot `yaml:"-" json:"-"`

@@ -21,10 +21,14 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// slaac waits for the kernel to configure a global address from a router
+// slaac waits for the kernel to configure an address from a router
 // advertisement (the kernel does SLAAC itself once the link is up; we
-// only wait, with a deadline). DNS servers come from the advertisement's
-// RDNSS/DNSSL options.
+// only wait, with a deadline). Any address that is neither link-local nor
+// tentative will do, whatever its scope: QEMU's user network advertises
+// the site-local fec0::/64, which the kernel gives RT_SCOPE_SITE, and a
+// key server on that network is reachable through it. The console line
+// says the scope. DNS servers come from the advertisement's RDNSS/DNSSL
+// options.
 func (u *upper) slaac(ctx context.Context, a *applied, spec ipconf.Link) (*methodResult, error) {
 	start := time.Now()
 	u.solicitRouter(a)
@@ -35,10 +39,11 @@ func (u *upper) slaac(ctx context.Context, a *applied, spec ipconf.Link) (*metho
 			return nil, fmt.Errorf("auto6: list addresses: %w", err)
 		}
 		for _, x := range addrs {
-			if x.Scope != unix.RT_SCOPE_UNIVERSE || !usable6(x.Flags) || x.Flags&unix.IFA_F_DEPRECATED != 0 || a.ours(x.IP) {
+			ip, _ := netip.AddrFromSlice(x.IP)
+			if x.Scope == unix.RT_SCOPE_LINK || x.Scope == unix.RT_SCOPE_HOST || ip.IsLinkLocalUnicast() ||
+				!usable6(x.Flags) || x.Flags&unix.IFA_F_DEPRECATED != 0 || a.ours(x.IP) {
 				continue
 			}
-			ip, _ := netip.AddrFromSlice(x.IP)
 			ones, _ := x.Mask.Size()
 			got = append(got, netip.PrefixFrom(ip, ones))
 		}
@@ -46,7 +51,7 @@ func (u *upper) slaac(ctx context.Context, a *applied, spec ipconf.Link) (*metho
 			break
 		}
 		if err := retry.Sleep(ctx, 20*time.Millisecond); err != nil {
-			return nil, fmt.Errorf("auto6: no global address from a router advertisement after %.1fs: %w", time.Since(start).Seconds(), err)
+			return nil, fmt.Errorf("auto6: no address beyond link-local from a router advertisement after %.1fs: %w", time.Since(start).Seconds(), err)
 		}
 	}
 	res := &methodResult{method: ipconf.Auto6, addrs: got}
@@ -54,7 +59,7 @@ func (u *upper) slaac(ctx context.Context, a *applied, spec ipconf.Link) (*metho
 	if u.nd != nil {
 		res.dns, res.search = u.nd.get(a.index)
 	}
-	res.detail = "auto6 " + prefixes(got)
+	res.detail = "auto6 " + scoped(got)
 	if res.gateway.IsValid() {
 		res.detail += " gw " + res.gateway.String()
 	}
@@ -310,6 +315,28 @@ func gateway6(a *applied) netip.Addr {
 func onesOf(n *net.IPNet) int {
 	o, _ := n.Mask.Size()
 	return o
+}
+
+// scoped is prefixes with each address's scope, "fec0::1/64 (site-local)".
+func scoped(ps []netip.Prefix) string {
+	var s []string
+	for _, p := range ps {
+		s = append(s, p.String()+" ("+scope6(p.Addr())+")")
+	}
+	return strings.Join(s, ", ")
+}
+
+// scope6 names the scope of a SLAAC address: fec0::/10 is the deprecated
+// site-local scope (RFC 3879) that QEMU's user network still advertises,
+// fc00::/7 the unique local addresses (RFC 4193), the rest global.
+func scope6(ip netip.Addr) string {
+	switch {
+	case netip.MustParsePrefix("fec0::/10").Contains(ip):
+		return "site-local"
+	case netip.MustParsePrefix("fc00::/7").Contains(ip):
+		return "unique-local"
+	}
+	return "global"
 }
 
 func prefixes(ps []netip.Prefix) string {

@@ -651,6 +651,28 @@ func TestIntegrationDHCPv6(t *testing.T) {
 	}
 }
 
+// TestIntegrationSLAACSiteLocal is QEMU's user network with ipv6=on: the
+// router advertises fec0::/64, whose addresses the kernel gives site
+// scope. auto6 takes one (before the fix it waited for a global address
+// until its deadline) and says its scope.
+func TestIntegrationSLAACSiteLocal(t *testing.T) {
+	n := newTestNet(t)
+	srv := n.server("eth0", "52:54:00:77:05:11", "fec0::2/64")
+	dnsmasq(t, srv, "--enable-ra", "--dhcp-range=fec0::,ra-only,64,1h")
+	c := startChild(t, n.client, childSpec{IP: []string{"auto6"}, ResolvConf: filepath.Join(t.TempDir(), "resolv.conf"),
+		Deadline: 90 * time.Second})
+	r := c.up()
+	if r.Method != "auto6" || len(r.Addrs) != 1 || !strings.HasPrefix(r.Addrs[0], "fec0::") || !strings.HasSuffix(r.Addrs[0], "/64") {
+		t.Fatalf("result %+v, want one fec0::/64 address by auto6", r)
+	}
+	reach(t, n.client, srv, "fec0::2")
+	c.teardown()
+	// After teardown the child has exited: its log is complete.
+	if got := c.lines(`auto6 fec0::[0-9a-f:]+/64 \(site-local\)`); len(got) == 0 {
+		t.Errorf("no console line giving the address's scope:\n%s", c.log())
+	}
+}
+
 func TestIntegrationSLAAC(t *testing.T) {
 	n := newTestNet(t)
 	srv := n.server("eth0", "52:54:00:77:05:10", "fd00:77::1/64")

@@ -22,8 +22,11 @@ func ModuleRoot() (string, error) { return kernelcache.ModuleRoot() }
 // KernelFiles is the cached Debian kernel that `make kernel` fetches.
 type KernelFiles = kernelcache.Files
 
-// Kernel locates the cached kernel.
+// Kernel locates the cached default kernel (kernelcache.Default).
 func Kernel() (KernelFiles, error) { return kernelcache.Find() }
+
+// KernelNamed locates the cached kernel called name (kernelcache.Names).
+func KernelNamed(name string) (KernelFiles, error) { return kernelcache.FindNamed(name) }
 
 var (
 	testInitMu   sync.Mutex

@@ -36,6 +36,11 @@ type Report struct {
 	// DM are device-mapper targets: "<name> <start> <length> <type>
 	// <params>", a crypt key replaced by <key>.
 	DM []string
+	// Crypto are the xts(aes) entries of /proc/crypto: "name=xts(aes)
+	// driver=... module=... priority=... refcnt=...".
+	Crypto []string
+	// Modules are "<name> refs=<use count>" of the AES modules loaded.
+	Modules []string
 	// Cmdline is /proc/cmdline.
 	Cmdline string
 	// InitramfsGone is true when neither /init nor /etc/unlockrd exist.
@@ -111,6 +116,10 @@ func ParseReport(lines []string) (*Report, error) {
 			r.Blocks = append(r.Blocks, rest)
 		case key == "dm":
 			r.DM = append(r.DM, rest)
+		case key == "crypto":
+			r.Crypto = append(r.Crypto, rest)
+		case key == "module":
+			r.Modules = append(r.Modules, rest)
 		case key == "cmdline":
 			r.Cmdline = rest
 		case key == "setup":
@@ -137,6 +146,36 @@ func (r *Report) DMTable(name string) (string, bool) {
 		}
 	}
 	return strings.Join(ts, "\n"), len(ts) > 0
+}
+
+// CryptoImpl is one xts(aes) implementation the guest's kernel has.
+type CryptoImpl struct {
+	Driver, Module string
+	Priority       int
+	Refcnt         int
+}
+
+// XTSAES returns the guest's xts(aes) implementations (Crypto parsed).
+func (r *Report) XTSAES() []CryptoImpl {
+	var out []CryptoImpl
+	for _, l := range r.Crypto {
+		var c CryptoImpl
+		for _, f := range strings.Fields(l) {
+			k, v, _ := strings.Cut(f, "=")
+			switch k {
+			case "driver":
+				c.Driver = v
+			case "module":
+				c.Module = v
+			case "priority":
+				c.Priority, _ = strconv.Atoi(v)
+			case "refcnt":
+				c.Refcnt, _ = strconv.Atoi(v)
+			}
+		}
+		out = append(out, c)
+	}
+	return out
 }
 
 // Mount returns the last mount on target.

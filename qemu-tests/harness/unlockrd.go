@@ -15,6 +15,8 @@ import (
 	"sync"
 	"text/template"
 	"time"
+
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
 
 // Bins are unlockrd's own binaries, built from the checkout.
@@ -296,9 +298,15 @@ type ImageConfig struct {
 	Modules []string
 	// AttemptTimeout default 5s: the tests kill servers on purpose.
 	AttemptTimeout string
+	// Kernel is the cached kernel's name (kernelcache.Names) whose
+	// modules the image is built from; default kernelcache.Default.
+	Kernel string
 }
 
-// DefaultModules are what the skeleton needs on Debian's kernel.
+// DefaultModules are what the skeleton needs on Debian's kernels, as the
+// README's and DESIGN §3's example lists them. The builder adds to them by
+// default the accelerated AES drivers (aesni_intel and its dependencies,
+// optional), so the image under test is the default image.
 var DefaultModules = []string{"virtio_pci", "virtio_blk", "virtio_net", "dm_crypt", "ext4"}
 
 var configTmpl = template.Must(template.New("cfg").Parse(`key:
@@ -371,9 +379,13 @@ func (c ImageConfig) YAML() string {
 }
 
 // BuildImage writes cfg to dir/unlockrd.yaml and runs `mkunlockrd build`
-// for the cached kernel into dir/initramfs.img.
+// for the cached kernel cfg.Kernel into dir/initramfs.img.
 func BuildImage(ctx context.Context, b *Bins, cfg ImageConfig, dir string, extra ...string) (string, error) {
-	k, err := Kernel()
+	name := cfg.Kernel
+	if name == "" {
+		name = kernelcache.Default
+	}
+	k, err := KernelNamed(name)
 	if err != nil {
 		return "", err
 	}

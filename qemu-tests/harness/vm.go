@@ -46,6 +46,10 @@ type VMOptions struct {
 	UUID string
 	// MemoryMB defaults to 1024, CPUs to 2.
 	MemoryMB, CPUs int
+	// CPU is QEMU's -cpu model, default "max" (AES-NI, RDRAND). A model
+	// without RDRAND makes getrandom block for minutes under TCG: to take
+	// a feature away, use e.g. "max,-aes" (CPUNoAES).
+	CPU string
 	// Timeout bounds the VM's whole life; QEMU is killed after it.
 	// Default 15 minutes: TCG on a loaded machine is slow.
 	Timeout time.Duration
@@ -62,6 +66,10 @@ type VMOptions struct {
 	// "user,tftp=DIR,bootfile=boot.ipxe" or bootfile=http://...).
 	NetBoot bool
 }
+
+// CPUNoAES is QEMU's most capable CPU model without AES-NI (and so
+// without VAES), keeping RDRAND: the boot must then use generic AES.
+const CPUNoAES = "max,-aes,-vaes"
 
 // Drive is a raw disk image attached with if=virtio.
 type Drive struct {
@@ -138,7 +146,11 @@ func (o *VMOptions) qemuArgs() []string {
 	}
 	// KVM is unavailable here and -cpu max is what gives the guest
 	// RDRAND: without it getrandom blocks for minutes under TCG.
-	args := []string{"-accel", "tcg", "-cpu", "max", "-m", strconv.Itoa(mem), "-smp", strconv.Itoa(cpus), "-no-reboot"}
+	cpu := o.CPU
+	if cpu == "" {
+		cpu = "max"
+	}
+	args := []string{"-accel", "tcg", "-cpu", cpu, "-m", strconv.Itoa(mem), "-smp", strconv.Itoa(cpus), "-no-reboot"}
 	for _, d := range o.Disks {
 		spec := "file=" + qemuEscape(d.Path) + ",if=virtio,format=raw"
 		if d.ReadOnly {

@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"github.com/unlockrd/unlockrd/initramfs/host/kmod"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -15,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/unlockrd/unlockrd/initramfs/host/kmod"
 
 	"github.com/u-root/mkuimage/cpio"
 	"github.com/unlockrd/unlockrd/qemu-tests/testinit/initcfg"

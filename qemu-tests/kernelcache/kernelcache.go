@@ -2,6 +2,10 @@
 // downloads and unpacks (qemu-tests/setup/fetch-kernel.sh), for every test
 // and tool that needs a real kernel or module tree. It is test support: no
 // binary that ships links it.
+//
+// The cache is machine-wide, ${UNLOCKRD_CACHE:-/var/cache/unlockrd}/kernels/
+// NAME, not inside a checkout: a kernel package is ~100 MB to fetch and
+// every clone, worktree and CI run on the machine reuses the same one.
 package kernelcache
 
 import (
@@ -15,8 +19,7 @@ import (
 	"testing"
 )
 
-// ModulePath is the Go module whose root holds .cache/ and the sources the
-// tests build.
+// ModulePath is the Go module whose sources the tests build.
 const ModulePath = "github.com/unlockrd/unlockrd"
 
 var moduleRoot = sync.OnceValues(findModuleRoot)
@@ -68,6 +71,8 @@ func isModuleRoot(dir string) bool {
 
 // Files is one cached kernel.
 type Files struct {
+	// Name is the kernel's cache name (Debian12, Debian13).
+	Name string
 	// Dir is the cache folder of this kernel.
 	Dir string
 	// Vmlinuz is the bzImage QEMU boots with -kernel.
@@ -78,14 +83,46 @@ type Files struct {
 	Release string
 }
 
-// Find locates the cached kernel under <module root>/.cache/kernel.
-func Find() (Files, error) {
-	root, err := ModuleRoot()
-	if err != nil {
-		return Files{}, err
+// The kernels the suite boots, by cache folder name.
+const (
+	// Debian12 is bookworm's stock kernel (6.1, uncompressed modules).
+	Debian12 = "debian12"
+	// Debian13 is trixie's stock kernel (6.12, .ko.xz modules under
+	// /usr/lib/modules, no modules.dep in the package).
+	Debian13 = "debian13"
+	// Default is the kernel of tests and tools that boot only one.
+	Default = Debian12
+)
+
+// Names lists every kernel `make kernel` caches, in the order tests
+// that run on each should run them.
+func Names() []string { return []string{Debian12, Debian13} }
+
+// CacheDir is the machine-wide kernel cache, $UNLOCKRD_CACHE/kernels
+// (default /var/cache/unlockrd/kernels), the folder fetch-kernel.sh fills.
+func CacheDir() string {
+	base := os.Getenv("UNLOCKRD_CACHE")
+	if base == "" {
+		base = "/var/cache/unlockrd"
 	}
-	dir := filepath.Join(root, ".cache", "kernel")
+	return filepath.Join(base, "kernels")
+}
+
+// Find locates the cached Default kernel.
+func Find() (Files, error) { return FindNamed(Default) }
+
+// FindNamed locates the cached kernel called name (Debian12, Debian13).
+func FindNamed(name string) (Files, error) {
+	known := false
+	for _, n := range Names() {
+		known = known || n == name
+	}
+	if !known {
+		return Files{}, fmt.Errorf("kernelcache: unknown kernel %q (have %s)", name, strings.Join(Names(), ", "))
+	}
+	dir := filepath.Join(CacheDir(), name)
 	k := Files{
+		Name:    name,
 		Dir:     dir,
 		Vmlinuz: filepath.Join(dir, "vmlinuz"),
 		Modules: filepath.Join(dir, "modules"),
@@ -96,11 +133,11 @@ func Find() (Files, error) {
 	}
 	for _, p := range []string{k.Vmlinuz, filepath.Join(k.Modules, "kernel")} {
 		if _, err := os.Stat(p); err != nil {
-			return Files{}, fmt.Errorf("kernelcache: kernel not cached (%w): run `make kernel` in %s", err, root)
+			return Files{}, fmt.Errorf("kernelcache: kernel %s not cached (%w): run `make kernel`", name, err)
 		}
 	}
 	if k.Release == "" {
-		return Files{}, fmt.Errorf("kernelcache: %s missing: run `make kernel` in %s", filepath.Join(dir, "release"), root)
+		return Files{}, fmt.Errorf("kernelcache: %s missing: run `make kernel`", filepath.Join(dir, "release"))
 	}
 	return k, nil
 }
@@ -112,9 +149,31 @@ func ForTest(t testing.TB) Files {
 	if testing.Short() {
 		t.Skip("-short: skipping tests that need the kernel cache")
 	}
-	k, err := Find()
+	return ForTestNamed(t, Default)
+}
+
+// ForTestNamed is FindNamed for a test, failing it (unless -short) when
+// that kernel is not cached.
+func ForTestNamed(t testing.TB, name string) Files {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("-short: skipping tests that need the kernel cache")
+	}
+	k, err := FindNamed(name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return k
+}
+
+// Each runs f in a subtest per cached kernel (t.Run(name, ...)), each
+// failing (unless -short) when its kernel is missing: what differs between
+// kernels is the builder's business, so the test body is the same.
+func Each(t *testing.T, f func(t *testing.T, k Files)) {
+	t.Helper()
+	for _, name := range Names() {
+		t.Run(name, func(t *testing.T) {
+			f(t, ForTestNamed(t, name))
+		})
+	}
 }

@@ -2,7 +2,7 @@
 # Installs the Debian packages the demo, tests and benchmarks need.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
-pkgs=(qemu-system-x86 qemu-utils cryptsetup-bin e2fsprogs fdisk dnsmasq-base ipxe-qemu kmod zstd xz-utils iproute2 ca-certificates etcd-server etcd-client)
+pkgs=(debian-archive-keyring qemu-system-x86 qemu-utils cryptsetup-bin e2fsprogs fdisk dnsmasq-base ipxe-qemu kmod zstd xz-utils iproute2 ca-certificates etcd-server etcd-client)
 [ "$#" -gt 0 ] && pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do

@@ -33,6 +33,7 @@ func report(r *reporter, cfg initcfg.Config) {
 	reportRoutes(r)
 	reportBlocks(r)
 	reportDM(r)
+	reportCrypto(r)
 	r.printf("cmdline %s", strings.TrimSpace(readString("/proc/cmdline")))
 	r.printf("initramfs-gone=%t", !exists("/init") && !exists("/etc/unlockrd"))
 }
@@ -215,4 +216,39 @@ func tail(lines []string, skip int) []string {
 func exists(path string) bool {
 	_, err := os.Lstat(path)
 	return err == nil
+}
+
+// reportCrypto prints the kernel's xts(aes) implementations from
+// /proc/crypto, with their module and reference count, and the AES
+// modules' use counts from /proc/modules: which implementation the
+// dm-crypt mappings hold (AES-NI or generic) is the one whose count went
+// up when they were made.
+func reportCrypto(r *reporter) {
+	entry := map[string]string{}
+	flush := func() {
+		if entry["name"] == "xts(aes)" {
+			r.printf("crypto name=%s driver=%s module=%s priority=%s refcnt=%s",
+				entry["name"], entry["driver"], entry["module"], entry["priority"], entry["refcnt"])
+		}
+		entry = map[string]string{}
+	}
+	for _, l := range readLines("/proc/crypto") {
+		k, v, ok := strings.Cut(l, ":")
+		if !ok {
+			flush()
+			continue
+		}
+		k = strings.TrimSpace(k)
+		if k == "name" && len(entry) > 0 {
+			flush()
+		}
+		entry[k] = strings.TrimSpace(v)
+	}
+	flush()
+	for _, l := range readLines("/proc/modules") {
+		f := strings.Fields(l)
+		if len(f) >= 3 && (f[0] == "aesni_intel" || f[0] == "xts" || f[0] == "crypto_simd" || f[0] == "cryptd") {
+			r.printf("module %s refs=%s", f[0], f[2])
+		}
+	}
 }

@@ -27,6 +27,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
 
@@ -178,8 +179,8 @@ func Build(ctx context.Context, o Options) (*Report, error) {
 			return nil, err
 		}
 		tree.SetLogger(log)
-		if mods, err = tree.Closure(cfg.Modules); err != nil {
-			return nil, fmt.Errorf("%s: modules: %w", o.ConfigFile, err)
+		if mods, err = closure(tree, cfg.Modules, cfg.NoCipherAcceleration, log); err != nil {
+			return nil, fmt.Errorf("%s: %w", o.ConfigFile, err)
 		}
 		if m := tree.Machine(); m != 0 && m != initMachine {
 			return nil, fmt.Errorf("init binary %s is for %v but the modules in %s are for %v", o.Init, initMachine, o.ModulesDir, m)
@@ -243,6 +244,39 @@ func Build(ctx context.Context, o Options) (*Report, error) {
 	}
 	rep.Compressed = st.Size()
 	return rep, nil
+}
+
+// closure resolves the configured modules. By default it carries the
+// architecture's accelerated cipher drivers as optional modules (kmod's
+// dm_crypt implications); no_cipher_acceleration leaves them out, with a
+// warning saying what that costs, and contradicts listing one of them.
+func closure(tree *kmod.Tree, names []string, noAccel bool, log ulog.Logger) ([]kmod.Module, error) {
+	if !noAccel {
+		mods, err := tree.Closure(names)
+		if err != nil {
+			return nil, fmt.Errorf("modules: %w", err)
+		}
+		return mods, nil
+	}
+	for i, n := range names {
+		if kmod.IsAcceleration(n) {
+			return nil, fmt.Errorf("modules[%d]: %s is an accelerated cipher driver, and no_cipher_acceleration is set: drop one or the other", i, n)
+		}
+	}
+	accel, err := tree.Accelerations(names)
+	if err != nil {
+		return nil, fmt.Errorf("modules: %w", err)
+	}
+	mods, err := tree.ClosureWith(names, kmod.Options{NoAcceleration: true})
+	if err != nil {
+		return nil, fmt.Errorf("modules: %w", err)
+	}
+	if len(accel) > 0 {
+		log.Printf("warning: no_cipher_acceleration: leaving out %s: every dm-crypt mapping keeps the generic AES code for its whole life, "+
+			"an order of magnitude slower I/O on CPUs that have the instructions (saves their crypto self-tests at boot: "+
+			"milliseconds natively, seconds under emulation)", strings.Join(accel, ", "))
+	}
+	return mods, nil
 }
 
 func static(b []byte) func() ([]byte, error) {

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -436,4 +437,64 @@ func TestModeString(t *testing.T) {
 	if got := fileMode(0o41777); got != fs.ModeDir|fs.ModeSticky|0o777 {
 		t.Errorf("fileMode(041777) = %v", got)
 	}
+}
+
+// TestCipherAcceleration: by default the image carries the architecture's
+// accelerated AES driver and what it needs, as optional modules loaded
+// before dm_crypt, on every cached kernel; no_cipher_acceleration leaves
+// them out with a warning that says what it costs, and contradicts listing
+// one of them.
+func TestCipherAcceleration(t *testing.T) {
+	init := smokeInit(t)
+	kernelcache.Each(t, func(t *testing.T, k kernelcache.Files) {
+		dir := t.TempDir()
+		pos := func(mods []kmod.Module, name string) int {
+			for i, m := range mods {
+				if m.Name == name {
+					return i
+				}
+			}
+			return -1
+		}
+		rep := build(t, Options{ConfigFile: writeConfig(t, dir, goodConfig), ModulesDir: k.Modules, Init: init,
+			Output: filepath.Join(dir, "default.img"), Compression: None})
+		a, d := pos(rep.Modules, "aesni_intel"), pos(rep.Modules, "dm_crypt")
+		if a < 0 || d < 0 || a > d {
+			t.Fatalf("default image: aesni_intel at %d, dm_crypt at %d in %v: want aesni_intel before dm_crypt", a, d, rep.Modules)
+		}
+		if !rep.Modules[a].Optional {
+			t.Errorf("aesni_intel is not optional: a CPU without AES-NI would fail the boot")
+		}
+		if !slices.Contains(rep.Modules[d].Deps, "aesni_intel") {
+			t.Errorf("dm_crypt's deps %v lack aesni_intel: a mapping could be made before it registers", rep.Modules[d].Deps)
+		}
+		for _, dep := range []string{"crypto_simd", "cryptd"} {
+			if i := pos(rep.Modules, dep); i < 0 || i > a {
+				t.Errorf("%s at %d, aesni_intel at %d: want it before", dep, i, a)
+			}
+		}
+
+		optOut := goodConfig + "no_cipher_acceleration: true\n"
+		log := ulogtest.New(t)
+		rep = build(t, Options{ConfigFile: writeConfig(t, dir, optOut), ModulesDir: k.Modules, Init: init,
+			Output: filepath.Join(dir, "generic.img"), Compression: None, Logger: log})
+		for _, m := range []string{"aesni_intel", "crypto_simd", "cryptd"} {
+			if pos(rep.Modules, m) >= 0 {
+				t.Errorf("no_cipher_acceleration: image still carries %s", m)
+			}
+		}
+		if pos(rep.Modules, "xts") < 0 {
+			t.Errorf("no_cipher_acceleration dropped xts, which dm_crypt needs")
+		}
+		if !log.Contains("warning: no_cipher_acceleration: leaving out") || !log.Contains("aesni_intel") || !log.Contains("slower") {
+			t.Errorf("no warning naming what is left out and what it costs:\n%s", log)
+		}
+
+		both := strings.Replace(optOut, "ext4]", "ext4, aesni-intel]", 1)
+		_, err := Build(context.Background(), Options{ConfigFile: writeConfig(t, dir, both), ModulesDir: k.Modules, Init: init,
+			Output: filepath.Join(dir, "both.img"), Compression: None})
+		if err == nil || !strings.Contains(err.Error(), "modules[5]") || !strings.Contains(err.Error(), "no_cipher_acceleration") {
+			t.Errorf("aesni_intel listed with no_cipher_acceleration: err %v, want one naming modules[5] and no_cipher_acceleration", err)
+		}
+	})
 }

@@ -14,24 +14,77 @@ type impliedDep struct {
 	// required modules are always needed; the others are accelerations
 	// that may not load on every CPU.
 	required bool
+	// accel marks an accelerated implementation of a cipher, left out
+	// when the closure is asked for none (Options.NoAcceleration).
+	accel bool
 }
 
 // implied maps a module to the modules it implies. It is a fixed table,
 // not configuration: it describes what the boot sequence (DESIGN §2, §6)
-// asks of the kernel.
+// asks of the kernel. Entries for another architecture are not files of
+// the tree and are skipped.
 var implied = map[string][]impliedDep{
-	// Opening an aes-xts-plain64 volume makes dm-crypt allocate
-	// "xts(aes)"; the crypto API then asks for the xts template with
-	// request_module and fails without it.
-	//
-	// aesni_intel is deliberately not implied. The cipher implementation is
-	// chosen when a volume is opened and kept for the life of the mapping,
-	// so on hardware with AES-NI it belongs in the image (list it under
-	// modules:), but its crypto self-tests cost ~2.5 s of boot under
-	// emulation (measured: TCG, 6.1), which the operator should choose.
 	"dm_crypt": {
+		// Opening an aes-xts-plain64 volume makes dm-crypt allocate
+		// "xts(aes)"; the crypto API then asks for the xts template with
+		// request_module and fails without it.
 		{name: "xts", required: true},
+		// The cipher implementation is chosen when a volume is opened
+		// and kept for the life of the mapping: without the accelerated
+		// driver loaded by then, the volume runs on the generic AES code
+		// (an order of magnitude slower) until the next boot. Optional: a
+		// CPU without the instructions refuses to load it (ENODEV) and
+		// the boot goes on with the generic code. Their dependencies
+		// (crypto_simd, cryptd, gf128mul) follow from the modules.
+		{name: "aesni_intel", accel: true},  // x86-64: AES-NI
+		{name: "aes_ce_blk", accel: true},   // arm64: crypto extensions
+		{name: "aes_neon_blk", accel: true}, // arm64 without them
 	},
+}
+
+// IsAcceleration reports whether name is one of the accelerated cipher
+// drivers a closure carries by default, for any architecture.
+func IsAcceleration(name string) bool {
+	for _, ims := range implied {
+		for _, im := range ims {
+			if im.accel && im.name == Normalize(name) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Options adjust a closure.
+type Options struct {
+	// NoAcceleration leaves out the accelerated cipher drivers dm_crypt
+	// implies (Tree.Accelerations names those a tree would have had).
+	NoAcceleration bool
+}
+
+// Accelerations returns the accelerated cipher drivers of the tree that
+// the closure of names would carry by default: what Options.NoAcceleration
+// leaves out, for the builder's warning.
+func (t *Tree) Accelerations(names []string) ([]string, error) {
+	with, err := t.Closure(names)
+	if err != nil {
+		return nil, err
+	}
+	without, err := t.ClosureWith(names, Options{NoAcceleration: true})
+	if err != nil {
+		return nil, err
+	}
+	in := map[string]bool{}
+	for _, m := range without {
+		in[m.Name] = true
+	}
+	var out []string
+	for _, m := range with {
+		if !in[m.Name] {
+			out = append(out, m.Name)
+		}
+	}
+	return out, nil
 }
 
 // Closure returns the modules to load for the requested names, each after
@@ -42,11 +95,19 @@ var implied = map[string][]impliedDep{
 // naming it. A requested name that is not a module name may be an alias
 // with exactly one provider (ext3 → ext4).
 //
+// Accelerated cipher drivers are included (Optional); see ClosureWith.
+//
 // The order is deterministic: requested modules in the order given, each
 // preceded by what it needs, depth first.
 func (t *Tree) Closure(names []string) ([]Module, error) {
+	return t.ClosureWith(names, Options{})
+}
+
+// ClosureWith is Closure with options.
+func (t *Tree) ClosureWith(names []string, o Options) ([]Module, error) {
 	c := &closer{
 		t:     t,
+		opts:  o,
 		state: map[string]int{},
 		edges: map[string]*edges{},
 		pos:   map[string]int{},
@@ -92,7 +153,10 @@ func (t *Tree) resolveRequest(n string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	provs := t.inTree(idx.lookup(n))
+	provs, err := t.confirm(t.inTree(idx.lookup(n)), n)
+	if err != nil {
+		return "", err
+	}
 	switch {
 	case len(provs) == 1:
 		t.note("module %s: an alias of %s", n, provs[0])
@@ -118,6 +182,37 @@ func (t *Tree) inTree(names []string) []string {
 	return out
 }
 
+// confirm keeps the candidates whose own .modinfo section, read whole and
+// exactly, declares an alias matching target: the tree-wide alias scan of
+// compressed modules reads only a prefix of each (scanAliasesXZ).
+func (t *Tree) confirm(cands []string, target string) ([]string, error) {
+	t.mu.Lock()
+	fromIndexFile := t.aliasesFromFile
+	t.mu.Unlock()
+	if fromIndexFile {
+		return cands, nil // modules.alias is the truth
+	}
+	var out []string
+	for _, c := range cands {
+		if !strings.HasSuffix(t.files[c], ".ko.xz") {
+			out = append(out, c) // read whole already
+			continue
+		}
+		mi, err := t.modinfo(c)
+		if err != nil {
+			return nil, err
+		}
+		idx := newAliasIndex()
+		for _, a := range mi.aliases {
+			idx.add(a, c)
+		}
+		if len(idx.lookup(target)) > 0 {
+			out = append(out, c)
+		}
+	}
+	return out, nil
+}
+
 // edges are the modules one module must follow (hard, pre, implied) or
 // precede (post), restricted to module files of the tree.
 type edges struct {
@@ -128,6 +223,7 @@ type edges struct {
 // closer holds the state of one Closure call.
 type closer struct {
 	t     *Tree
+	opts  Options
 	state map[string]int // 0 unvisited, visiting, done
 	edges map[string]*edges
 	order []string
@@ -187,6 +283,7 @@ func (c *closer) edgesOf(name string) (*edges, error) {
 	}
 	for _, im := range implied[name] {
 		switch {
+		case im.accel && c.opts.NoAcceleration:
 		case t.files[im.name] != "":
 			e.implied = append(e.implied, im)
 		case t.builtin[im.name], !im.required:
@@ -218,7 +315,10 @@ func (c *closer) providers(of string, targets []string) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		provs := t.inTree(idx.lookup(target))
+		provs, err := t.confirm(t.inTree(idx.lookup(target)), target)
+		if err != nil {
+			return nil, err
+		}
 		if len(provs) == 0 && len(t.builtinAliases.lookup(target)) == 0 {
 			t.note("module %s: soft dependency %s: no module provides it; skipped", of, target)
 		}

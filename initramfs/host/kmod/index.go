@@ -3,6 +3,9 @@ package kmod
 import (
 	"bufio"
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -249,6 +252,9 @@ func (t *Tree) buildAliasIndex() (*aliasIndex, error) {
 	if t.hasDep {
 		idx, err := readModulesAlias(filepath.Join(t.dir, "modules.alias"))
 		if err == nil {
+			t.mu.Lock()
+			t.aliasesFromFile = true
+			t.mu.Unlock()
 			return idx, nil
 		}
 		if !errors.Is(err, fs.ErrNotExist) {
@@ -256,6 +262,10 @@ func (t *Tree) buildAliasIndex() (*aliasIndex, error) {
 		}
 	}
 	names := sortedNames(t.files)
+	cache := t.aliasCacheFile(names)
+	if idx := readAliasCache(cache); idx != nil {
+		return idx, nil
+	}
 	aliases := make([][]string, len(names))
 	errs := make([]error, len(names))
 	next := make(chan int)
@@ -266,6 +276,17 @@ func (t *Tree) buildAliasIndex() (*aliasIndex, error) {
 			defer wg.Done()
 			for i := range next {
 				p := filepath.Join(t.dir, filepath.FromSlash(t.files[names[i]]))
+				if strings.HasSuffix(p, ".ko.xz") {
+					as, ok, err := scanAliasesXZ(p, names[i])
+					if err != nil {
+						errs[i] = fmt.Errorf("module %s: %w", names[i], err)
+						continue
+					}
+					if ok {
+						aliases[i] = as
+						continue
+					}
+				}
 				mi, err := readModinfoFile(p)
 				if err != nil {
 					errs[i] = fmt.Errorf("module %s: %w", names[i], err)
@@ -283,13 +304,100 @@ func (t *Tree) buildAliasIndex() (*aliasIndex, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("reading module aliases in %s: %w", t.dir, err)
 	}
-	idx := newAliasIndex()
+	byName := map[string][]string{}
 	for i, name := range names {
-		for _, a := range aliases[i] {
+		byName[name] = aliases[i]
+	}
+	if cache != "" {
+		if err := writeAliasCache(cache, byName); err != nil {
+			t.note("alias cache %s: %v (the next build scans the tree again)", cache, err)
+		}
+	}
+	return indexOf(byName), nil
+}
+
+func indexOf(byName map[string][]string) *aliasIndex {
+	idx := newAliasIndex()
+	for _, name := range sortedKeys(byName) {
+		for _, a := range byName[name] {
 			idx.add(a, name)
 		}
 	}
-	return idx, nil
+	return idx
+}
+
+func sortedKeys(m map[string][]string) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// aliasCacheFile names the cached alias scan of this tree as it is now:
+// a tree without modules.alias costs a scan of every module (seconds for
+// Debian 13's .ko.xz tree), and the builder is run on the same tree again
+// and again. The name is a hash of every module file's path, size and
+// modification time, so any change to the tree is a new file; "" when
+// there is no user cache folder or a file cannot be stat'ed.
+func (t *Tree) aliasCacheFile(names []string) string {
+	base, err := os.UserCacheDir()
+	if err != nil {
+		return ""
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "unlockrd kmod aliases v1\x00%s\x00", t.release)
+	for _, n := range names {
+		st, err := os.Stat(filepath.Join(t.dir, filepath.FromSlash(t.files[n])))
+		if err != nil {
+			return ""
+		}
+		fmt.Fprintf(h, "%s\x00%s\x00%d\x00%d\x00", n, t.files[n], st.Size(), st.ModTime().UnixNano())
+	}
+	return filepath.Join(base, "unlockrd", "kmod-aliases", hex.EncodeToString(h.Sum(nil))+".json")
+}
+
+// readAliasCache returns the cached index, or nil when there is none
+// usable (a damaged file is scanned over again).
+func readAliasCache(file string) *aliasIndex {
+	if file == "" {
+		return nil
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil
+	}
+	var byName map[string][]string
+	if json.Unmarshal(b, &byName) != nil || byName == nil {
+		return nil
+	}
+	return indexOf(byName)
+}
+
+// writeAliasCache writes the scan atomically: a concurrent build reads
+// either no file or a whole one.
+func writeAliasCache(file string, byName map[string][]string) error {
+	b, err := json.Marshal(byName)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(file), 0o700); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(file), ".aliases-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(b); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), file)
 }
 
 // readModulesAlias parses depmod's modules.alias ("alias PATTERN MODULE").

@@ -86,6 +86,8 @@ type Tree struct {
 	mu      sync.Mutex
 	infos   map[string]*modinfo
 	aliases *aliasIndex // built on first need
+	// aliasesFromFile is set when aliases came from modules.alias.
+	aliasesFromFile bool
 	// pending holds notes made by Open, before a logger could be set.
 	pending []string
 }

@@ -13,6 +13,7 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
+	"github.com/ulikunitz/xz/lzma"
 )
 
 // modinfo is what the build needs from a module's .modinfo section, the
@@ -134,4 +135,177 @@ func readFile(p string) ([]byte, error) {
 		return nil, fmt.Errorf("%s: %w", p, err)
 	}
 	return b, nil
+}
+
+// scanAliasesXZ returns the aliases of an .ko.xz module without
+// decompressing all of it. The ELF section table, which says where
+// .modinfo is, sits at the end of the file, after the code, but .modinfo's
+// records sit near the start (2–30 % into the 6.12 modules measured). So
+// the decompressed stream is scanned for the section's shape, a run of
+// NUL-terminated key=value records that holds the module's own name=
+// record and its vermagic=, and decoding stops once that run has ended:
+// LZMA2 decodes chunk by chunk (at most 64 KiB of input each), so a large
+// module is mostly not decoded at all.
+//
+// ok is false when no such run was found or the file is not one block of
+// plain LZMA2: the caller then reads the module whole. Lookups confirm
+// every provider found this way from the exact .modinfo section
+// (Tree.confirm), so a record of another section that looks like an alias
+// costs a read, never a wrong module.
+func scanAliasesXZ(p, name string) (aliases []string, ok bool, err error) {
+	// A small window first: LZMA2 decodes a whole window ahead of the
+	// reader (one chunk, up to 2 MiB, with the file's own), which for most
+	// modules is all of it. A match reaching back further than the window
+	// fails the decode (it cannot corrupt it), and the file's own window
+	// is tried: it still stops after .modinfo.
+	for _, window := range []int{64 << 10, 0} {
+		aliases, ok, err = scanAliasesWindow(p, name, window)
+		if ok || err != nil {
+			return aliases, ok, err
+		}
+	}
+	return nil, false, nil
+}
+
+// scanAliasesWindow is one try of scanAliasesXZ with a decoding window
+// (0: the file's own).
+func scanAliasesWindow(p, name string, window int) (aliases []string, ok bool, err error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, false, err
+	}
+	defer f.Close()
+	r := lzma2Prefix(bufio.NewReaderSize(f, 16<<10), window)
+	if r == nil {
+		return nil, false, nil
+	}
+	var (
+		buf   []byte
+		chunk = make([]byte, 8<<10)
+		run   runState
+	)
+	nameRec := "name=" + name
+	for {
+		n, rerr := r.Read(chunk)
+		buf = append(buf, chunk[:n]...)
+		start := 0
+		for {
+			i := bytes.IndexByte(buf[start:], 0)
+			if i < 0 {
+				break
+			}
+			s := buf[start : start+i]
+			start += i + 1
+			if isRecord(s) {
+				run.add(s, nameRec)
+				continue
+			}
+			if run.complete() {
+				return run.aliases, true, nil
+			}
+			run = runState{}
+		}
+		buf = append(buf[:0], buf[start:]...)
+		if rerr != nil {
+			if rerr == io.EOF && run.complete() {
+				return run.aliases, true, nil
+			}
+			// Not found, or the window was too small.
+			return nil, false, nil
+		}
+	}
+}
+
+// runState is a run of key=value records being scanned.
+type runState struct {
+	aliases        []string
+	name, vermagic bool
+}
+
+func (r *runState) add(s []byte, nameRec string) {
+	switch {
+	case bytes.HasPrefix(s, []byte("alias=")):
+		r.aliases = append(r.aliases, string(s[len("alias="):]))
+	case bytes.HasPrefix(s, []byte("vermagic=")):
+		r.vermagic = true
+	case Normalize(string(s)) == nameRec:
+		r.name = true
+	}
+}
+
+func (r *runState) complete() bool { return r.name && r.vermagic }
+
+// isRecord reports whether s has the shape of a .modinfo record: a
+// lower-case identifier, "=", and text.
+func isRecord(s []byte) bool {
+	eq := bytes.IndexByte(s, '=')
+	if eq < 1 {
+		return false
+	}
+	for i, c := range s[:eq] {
+		if !(c >= 'a' && c <= 'z' || c == '_' || i > 0 && c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	for _, c := range s[eq+1:] {
+		if c < 0x20 && c != '\t' && c != '\n' || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// lzma2Prefix returns a decoder of an .xz file holding one block of plain
+// LZMA2 (as kmod and the kernel's build write modules), or nil for any
+// other layout. xz.Reader would do, but it also checks the block's CRC at
+// its end, which a decoder stopped early never reaches. The bytes only
+// steer a search whose finds are confirmed from a full, checked read.
+func lzma2Prefix(br *bufio.Reader, window int) io.Reader {
+	var hdr [12]byte
+	if _, err := io.ReadFull(br, hdr[:]); err != nil || string(hdr[:6]) != "\xfd7zXZ\x00" {
+		return nil
+	}
+	size, err := br.ReadByte()
+	if err != nil || size == 0 {
+		return nil
+	}
+	bh := make([]byte, (int(size)+1)*4-1)
+	if _, err := io.ReadFull(br, bh); err != nil {
+		return nil
+	}
+	flags := bh[0]
+	if flags&0x03 != 0 { // more than one filter
+		return nil
+	}
+	rest := bh[1:]
+	skipVarint := func() bool {
+		for i, c := range rest {
+			if c&0x80 == 0 {
+				rest = rest[i+1:]
+				return true
+			}
+		}
+		return false
+	}
+	if flags&0x40 != 0 && !skipVarint() { // compressed size
+		return nil
+	}
+	if flags&0x80 != 0 && !skipVarint() { // uncompressed size
+		return nil
+	}
+	// Filter flags: id 0x21 (LZMA2), one property byte (the dictionary).
+	if len(rest) < 3 || rest[0] != 0x21 || rest[1] != 1 || rest[2] > 40 {
+		return nil
+	}
+	dict := 2 | int(rest[2])&1
+	dict <<= rest[2]/2 + 11
+	dict = max(dict, lzma.MinDictCap)
+	if window > 0 {
+		dict = min(dict, max(window, lzma.MinDictCap))
+	}
+	r, err := lzma.Reader2Config{DictCap: dict}.NewReader2(br)
+	if err != nil {
+		return nil
+	}
+	return r
 }

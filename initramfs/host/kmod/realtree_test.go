@@ -11,6 +11,9 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
 
 // wantSet is the set the image of DESIGN §3 asks for.
@@ -24,10 +27,7 @@ func kernelTree(t *testing.T) string {
 	if testing.Short() {
 		t.Skip("-short: skipping tests on the real kernel module tree")
 	}
-	dir, err := filepath.Abs("../../../.cache/kernel/modules")
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir := kernelcache.ForTest(t).Modules
 	if _, err := os.Stat(filepath.Join(dir, "kernel")); err != nil {
 		t.Fatalf("kernel module tree missing (%v): run make kernel (qemu-tests/setup/fetch-kernel.sh)", err)
 	}
@@ -139,8 +139,8 @@ func (o *oracle) providers(target string) []string {
 }
 
 // add walks modinfo's depends and softdep fields recursively, plus the
-// builder's documented implication (dm_crypt needs xts; aesni_intel is
-// left to the configuration).
+// builder's documented implications (dm_crypt needs xts, and carries
+// aesni_intel as an optional acceleration).
 func (o *oracle) add(name string, required bool) {
 	if o.files[name] == "" {
 		if o.builtin[name] {
@@ -184,6 +184,10 @@ func (o *oracle) add(name string, required bool) {
 	if name == "dm_crypt" {
 		o.before[name] = append(o.before[name], "xts")
 		o.add("xts", required)
+		if o.files["aesni_intel"] != "" {
+			o.before[name] = append(o.before[name], "aesni_intel")
+			o.add("aesni_intel", false)
+		}
 	}
 }
 
@@ -525,5 +529,178 @@ func TestOpenNotModuleTree(t *testing.T) {
 	_, err = Open(filepath.Join(t.TempDir(), "absent"))
 	if !errors.Is(err, ErrNotModuleTree) {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestClosureSameWithoutModulesDep: on every cached kernel (Debian 13's
+// with .ko.xz modules, Debian 12's plain), the closure read from the
+// modules themselves equals the one read from depmod's files for the same
+// tree: same modules, paths, optional flags and dependency sets. (The load
+// order may differ where both are right: modules.dep lists a module's
+// dependencies in depmod's order, .modinfo in the linker's.)
+func TestClosureSameWithoutModulesDep(t *testing.T) {
+	needTool(t, "depmod")
+	kernelcache.Each(t, func(t *testing.T, k kernelcache.Files) {
+		// A cold alias cache: the scan itself is under test.
+		t.Setenv("XDG_CACHE_HOME", t.TempDir())
+		tree, err := Open(k.Modules)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tree.HasModulesDep() {
+			t.Fatalf("%s has a modules.dep: the test needs a tree without one", k.Modules)
+		}
+		// depmod writes its files beside kernel/, which stays the cache's
+		// (a symbolic link: the tree is not copied).
+		base := t.TempDir()
+		dst := filepath.Join(base, "lib", "modules", tree.Release())
+		if err := os.MkdirAll(dst, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(filepath.Join(k.Modules, "kernel"), filepath.Join(dst, "kernel")); err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range []string{"modules.builtin", "modules.builtin.modinfo", "modules.order"} {
+			b, err := os.ReadFile(filepath.Join(k.Modules, f))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dst, f), b, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		run(t, "depmod", "-b", base, tree.Release())
+		dtree, err := Open(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !dtree.HasModulesDep() {
+			t.Fatal("modules.dep not used")
+		}
+		for _, set := range [][]string{wantSet, {"virtio_scsi", "sd_mod", "nvme", "xfs", "btrfs", "dm_crypt"}} {
+			want, err := dtree.Closure(set)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := tree.Closure(set)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if g, w := canonical(got), canonical(want); !reflect.DeepEqual(g, w) {
+				t.Errorf("closure of %v without modules.dep\n got %v\nwant %v (with modules.dep)", set, g, w)
+			}
+			pos := map[string]int{}
+			for i, m := range got {
+				pos[m.Name] = i
+			}
+			for _, m := range got {
+				for _, d := range m.Deps {
+					if pos[d] >= pos[m.Name] {
+						t.Errorf("%s loads before its dependency %s", m.Name, d)
+					}
+				}
+			}
+		}
+	})
+}
+
+// TestAliasScanMatchesModinfo: the prefix scan of compressed modules
+// (scanAliasesXZ) finds exactly the aliases of the whole .modinfo section,
+// on a sample of Debian 13's .ko.xz tree.
+func TestAliasScanMatchesModinfo(t *testing.T) {
+	k := kernelcache.ForTestNamed(t, kernelcache.Debian13)
+	tree, err := Open(k.Modules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := 0
+	for i, n := range sortedNames(tree.files) {
+		p := filepath.Join(k.Modules, tree.files[n])
+		if i%5 != 0 || !strings.HasSuffix(p, ".ko.xz") {
+			continue
+		}
+		got, ok, err := scanAliasesXZ(p, n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			continue
+		}
+		found++
+		mi, err := readModinfoFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, mi.aliases) {
+			t.Errorf("%s: scan found aliases %q, .modinfo has %q", n, got, mi.aliases)
+		}
+	}
+	if found < 100 {
+		t.Errorf("the scan found .modinfo in only %d modules: it is not being tested", found)
+	}
+}
+
+// canonical sorts a closure and each module's deps by name.
+func canonical(ms []Module) []Module {
+	out := make([]Module, len(ms))
+	for i, m := range ms {
+		m.Deps = slices.Sorted(slices.Values(m.Deps))
+		out[i] = m
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// TestAliasCache: a second build on the same tree reads the alias scan
+// from the user cache, with the same closure; a tree that changed is
+// scanned again.
+func TestAliasCache(t *testing.T) {
+	k := kernelcache.ForTestNamed(t, kernelcache.Debian13)
+	cacheHome := t.TempDir()
+	t.Setenv("XDG_CACHE_HOME", cacheHome)
+	set := []string{"ext4", "dm_crypt"} // ext4's softdep is an alias
+	closure := func(dir string) []Module {
+		tree, err := Open(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := tree.Closure(set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return got
+	}
+	files := func() []string {
+		m, _ := filepath.Glob(filepath.Join(cacheHome, "unlockrd", "kmod-aliases", "*.json"))
+		return m
+	}
+	first := closure(k.Modules)
+	if n := len(files()); n != 1 {
+		t.Fatalf("%d alias cache files after a scan, want 1", n)
+	}
+	if second := closure(k.Modules); !reflect.DeepEqual(first, second) {
+		t.Errorf("closure from the cache\n got %v\nwant %v", second, first)
+	}
+	if n := len(files()); n != 1 {
+		t.Errorf("%d alias cache files after a cached build, want still 1", n)
+	}
+	// A damaged cache file is scanned over.
+	if err := os.WriteFile(files()[0], []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if again := closure(k.Modules); !reflect.DeepEqual(first, again) {
+		t.Errorf("closure with a damaged cache\n got %v\nwant %v", again, first)
+	}
+	// A changed tree (a module file newer) gets its own scan.
+	base := t.TempDir()
+	dst := filepath.Join(base, "modules")
+	run(t, "cp", "-a", k.Modules, dst)
+	p := filepath.Join(dst, "kernel", "crypto", "xts.ko.xz")
+	if err := os.Chtimes(p, time.Now(), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	closure(dst)
+	if n := len(files()); n != 2 {
+		t.Errorf("%d alias cache files after a build on a changed tree, want 2", n)
 	}
 }
