@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/initramfs/host/image"
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 	"github.com/unlockrd/unlockrd/netboot/host/pxe"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
@@ -267,9 +268,9 @@ func ls(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintln(stdout)
 	if c.Config == nil {
-		return fmt.Errorf("%s: no configuration at /%s: not an unlockrd image", fs.Arg(0), image.ConfigPath)
+		return fmt.Errorf("%s: no configuration at /%s: not an unlockrd image", fs.Arg(0), layout.ConfigPath)
 	}
-	fmt.Fprintf(stdout, "\n/%s:\n%s", image.ConfigPath, c.Config)
+	fmt.Fprintf(stdout, "\n/%s:\n%s", layout.ConfigPath, c.Config)
 	return nil
 }
 

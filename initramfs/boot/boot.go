@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 	"github.com/unlockrd/unlockrd/initramfs/modload"
 	"github.com/unlockrd/unlockrd/initramfs/sysroot"
 	"github.com/unlockrd/unlockrd/netboot/netup"
@@ -136,7 +137,7 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 	r := &runner{o: o, con: o.Console}
 
 	// Stage 2: configuration.
-	cfgBytes, err := os.ReadFile(filepath.Join(o.ImageRoot, config.ImagePath))
+	cfgBytes, err := os.ReadFile(filepath.Join(o.ImageRoot, layout.ConfigPath))
 	if err != nil {
 		return &Fatal{Err: fmt.Errorf("config: %w", err)}
 	}
