@@ -1,4 +1,4 @@
-package main
+package mkcli_test
 
 import (
 	"bytes"
@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/initramfs/host/image"
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
@@ -32,7 +33,7 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	bin = filepath.Join(dir, "mkunlockrd")
-	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, ".")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, "github.com/unlockrd/unlockrd/cmd/mkunlockrd")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)
@@ -57,17 +58,7 @@ modules: [virtio_blk, dm_crypt, ext4]
 
 func modulesDir(t *testing.T) string {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("-short: skipping tests that need the kernel cache")
-	}
-	dir, err := filepath.Abs("../../.cache/kernel/modules")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := os.Stat(filepath.Join(dir, "kernel")); err != nil {
-		t.Fatalf("kernel cache missing (%v): run make kernel", err)
-	}
-	return dir
+	return kernelcache.ForTest(t).Modules
 }
 
 type result struct {
