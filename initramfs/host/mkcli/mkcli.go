@@ -42,6 +42,9 @@ commands:
            writes DIR/vmlinuz, DIR/initramfs.img and DIR/boot.ipxe
   ls       IMAGE                  list an image and print its configuration
   pin      CERT.pem|HOST:PORT     print a certificate's pin (sha256//...)
+  check    [--uuid U] [--key-file F] DEVICE|FILE...
+           read LUKS2 headers as the boot will and say what it would do
+           (exit 0 accepted, 1 refused or the key opens no keyslot); read-only
 
 Images are xz-compressed by default (the smallest; needs the xz program,
 package xz-utils); --compress zstd needs no external program, makes a
@@ -68,6 +71,8 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 		err = pinCmd(ctx, args[1:], stdout, stderr)
 	case "netboot":
 		err = netboot(ctx, args[1:], stdout, stderr)
+	case "check":
+		err = check(ctx, args[1:], stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
