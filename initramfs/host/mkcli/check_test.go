@@ -183,3 +183,30 @@ func TestCheckRefused(t *testing.T) {
 		t.Errorf("check with a missing key file: %+v", r)
 	}
 }
+
+// TestCheckBlockDevice checks a volume through a read-only loop device: a
+// block device works like a file, and nothing reaches the backing file.
+func TestCheckBlockDevice(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (loop devices)")
+	}
+	dir := t.TempDir()
+	img := luksFile(t, dir, "vol.img")
+	out, err := exec.Command("losetup", "--find", "--show", "--read-only", img).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v\n%s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "--detach", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup --detach %s: %v\n%s", dev, err, out)
+		}
+	})
+	readOnly(t, img, func() {
+		r := mk(t, dir, nil, "check", "--key-file", img+".key", dev)
+		if r.code != 0 || !strings.Contains(r.stdout, dev+": accepted") || !strings.Contains(r.stdout, "opens keyslot 0") {
+			t.Errorf("check of a read-only loop device: %+v", r)
+		}
+		noSecret(t, r)
+	})
+}
