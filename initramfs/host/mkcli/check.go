@@ -30,11 +30,11 @@ type checkOptions struct {
 // (ReadHeader with its secondary-copy fallback, the default policy,
 // SlotOrder, Unseal with its digest check) and says what the boot would do.
 // Everything is opened read-only; no mapping is created.
-func check(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+func check(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	fs := newFlags("check", "[--uuid U] [--key-file F] DEVICE|FILE...", stderr)
 	var o checkOptions
 	fs.StringVar(&o.UUID, "uuid", "", "check the volume as a `UUID`= device reference would (the header's UUID must match)")
-	fs.StringVar(&o.KeyFile, "key-file", "", "say whether the key in this `file` (the raw key, as the key server serves it) opens the volume")
+	fs.StringVar(&o.KeyFile, "key-file", "", "say whether the key in this `file` (the raw key, as the key server serves it; - for stdin) opens the volume")
 	paths, err := parse(fs, args, -1)
 	if err != nil {
 		return err
@@ -54,13 +54,13 @@ func check(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if o.KeyFile == "" {
 		return run(nil)
 	}
-	return withKeyFile(o.KeyFile, run)
+	return withKeyFile(o.KeyFile, stdin, run)
 }
 
-// withKeyFile reads the key file and calls fn with its bytes, which it
-// wipes when fn returns, whatever fn did.
-func withKeyFile(path string, fn func(key []byte) error) error {
-	key, err := readKeyFile(path)
+// withKeyFile reads the key file (path "-": stdin) and calls fn with its
+// bytes, which it wipes when fn returns, whatever fn did.
+func withKeyFile(path string, stdin io.Reader, fn func(key []byte) error) error {
+	key, err := readKeyFile(path, stdin)
 	if err != nil {
 		return err
 	}
@@ -69,14 +69,18 @@ func withKeyFile(path string, fn func(key []byte) error) error {
 }
 
 // readKeyFile reads a key file whole. The caller must clear the result.
-func readKeyFile(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("--key-file: %w", err)
+func readKeyFile(path string, stdin io.Reader) ([]byte, error) {
+	r := stdin
+	if path != "-" {
+		f, err := os.Open(path)
+		if err != nil {
+			return nil, fmt.Errorf("--key-file: %w", err)
+		}
+		defer f.Close()
+		r = f
 	}
-	defer f.Close()
 	// One byte more than allowed, to tell "too big" from "exactly the limit".
-	key, err := io.ReadAll(io.LimitReader(f, maxKeyFile+1))
+	key, err := io.ReadAll(io.LimitReader(r, maxKeyFile+1))
 	switch {
 	case err != nil:
 		clear(key)

@@ -18,7 +18,7 @@ func TestKeyFileWiped(t *testing.T) {
 	}
 	for _, fail := range []error{nil, errors.New("refused")} {
 		var held []byte
-		err := withKeyFile(kf, func(key []byte) error {
+		err := withKeyFile(kf, nil, func(key []byte) error {
 			if !bytes.Equal(key, secret) {
 				t.Errorf("key read as %q", key)
 			}

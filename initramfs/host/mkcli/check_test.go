@@ -99,6 +99,14 @@ func TestCheckAccepted(t *testing.T) {
 	if r = mk(t, dir, nil, "check", img, "--key-file", key2); r.code != 0 || !strings.Contains(r.stdout, "opens keyslot 1 ") {
 		t.Errorf("check --key-file (slot 1's key, flag after the file): %+v", r)
 	}
+	// --key-file - reads the key from stdin, as `host key` pipes it.
+	cmd := exec.Command(bin, "check", "--key-file", "-", img)
+	cmd.Stdin = strings.NewReader(checkKey)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "key file - opens keyslot 0 ") {
+		t.Errorf("check --key-file - (key on stdin): %v\n%s", err, out)
+	}
+	noSecret(t, result{stdout: string(out)})
 	wrong := write(t, filepath.Join(dir, "wrong"), checkKey+"!")
 	readOnly(t, img, func() { r = mk(t, dir, nil, "check", "--key-file", wrong, img) })
 	if r.code != 1 || !strings.Contains(r.stdout, "opens none of the 2 keyslot(s)") {

@@ -54,8 +54,8 @@ Run "mkunlockrd COMMAND -h" for a command's flags.
 `
 
 // Main runs the command line args (without the program name) and returns
-// the exit status: 0 done, 1 failed, 2 bad usage. stdin is unused today; it
-// is there so that both tools have the same entry point.
+// the exit status: 0 done, 1 failed, 2 bad usage. stdin is read only by
+// `check --key-file -`.
 func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
@@ -72,7 +72,7 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 	case "netboot":
 		err = netboot(ctx, args[1:], stdout, stderr)
 	case "check":
-		err = check(ctx, args[1:], stdout, stderr)
+		err = check(ctx, args[1:], stdin, stdout, stderr)
 	case "-h", "-help", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return 0
