@@ -16,7 +16,7 @@ const module = "github.com/unlockrd/unlockrd/"
 var bootOnly = []string{
 	"initramfs/boot", "initramfs/modload", "initramfs/sysroot",
 	"netboot/netup",
-	"unlock/keys", "unlock/volumes", "unlock/dm", "unlock/blockdev",
+	"unlock/keys", "unlock/volumes", "unlock/dm", "unlock/blockdev", "unlock/blank",
 }
 
 // shared are the packages both sides link; they import neither side.
