@@ -89,9 +89,6 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 	return code
 }
 
-// errUsage reports a usage error whose message the flag set already printed.
-var errUsage = cliflag.ErrUsage
-
 // newFlags returns a command's flag set; it prints its errors and the
 // command's usage to stderr itself.
 func newFlags(name, synopsis string, stderr io.Writer) *flag.FlagSet {
@@ -123,7 +120,7 @@ func parse(fs *flag.FlagSet, args []string, positional int) ([]string, error) {
 		}
 		fmt.Fprintf(fs.Output(), "mkunlockrd %s: want %s argument(s), got %d\n", fs.Name(), want, len(pos))
 		fs.Usage()
-		return nil, errUsage
+		return nil, cliflag.ErrUsage
 	}
 	return pos, nil
 }
@@ -181,7 +178,7 @@ func build(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if bf.cfg == "" || bf.mods == "" || out == "" {
 		fmt.Fprintln(stderr, "mkunlockrd build: -c, -m and -o are required")
 		fs.Usage()
-		return errUsage
+		return cliflag.ErrUsage
 	}
 	o, err := bf.options(stderr)
 	if err != nil {
@@ -351,7 +348,7 @@ func netboot(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if bf.cfg == "" || kernel == "" || bf.mods == "" || dir == "" {
 		fmt.Fprintln(stderr, "mkunlockrd netboot: -c, -k, -m and -o are required")
 		fs.Usage()
-		return errUsage
+		return cliflag.ErrUsage
 	}
 	o, err := bf.options(stderr)
 	if err != nil {

@@ -262,7 +262,7 @@ func TestUsage(t *testing.T) {
 	if r := mk(t, dir, nil, "frobnicate"); r.code != 2 || !strings.Contains(r.stderr, `unknown command "frobnicate"`) {
 		t.Errorf("unknown command: %+v", r)
 	}
-	for _, c := range []string{"build", "ls", "pin", "netboot"} {
+	for _, c := range []string{"build", "ls", "pin", "netboot", "check"} {
 		if r := mk(t, dir, nil, c, "-h"); r.code != 0 || !strings.Contains(r.stderr, "usage: mkunlockrd "+c) {
 			t.Errorf("%s -h: %+v", c, r)
 		}
