@@ -12,7 +12,7 @@ import (
 
 	"github.com/u-root/mkuimage/cpio"
 
-	"github.com/unlockrd/unlockrd/initramfs/host/image"
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 	"github.com/unlockrd/unlockrd/netboot/host/pxe"
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
 	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
@@ -172,7 +172,7 @@ func TestReleaseMismatchSaysSo(t *testing.T) {
 	const other = "6.1.0-0-other"
 	var extra bytes.Buffer
 	w := cpio.Newc.Writer(&extra)
-	if err := w.WriteRecord(cpio.StaticFile(image.ReleasePath, other+"\n", 0o644)); err != nil {
+	if err := w.WriteRecord(cpio.StaticFile(layout.ReleasePath, other+"\n", 0o644)); err != nil {
 		t.Fatal(err)
 	}
 	if err := cpio.WriteTrailer(w); err != nil {

@@ -1,5 +1,6 @@
 // Command unlockrd-keyserver is the reference key service: see
-// unlock/keyserver/cli for the commands and DESIGN §5/§7 for the contract.
+// unlock/host/keyserver/cli for the commands and DESIGN §5/§7 for the
+// contract. This file is wiring only.
 package main
 
 import (

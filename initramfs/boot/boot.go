@@ -15,6 +15,7 @@ import (
 	"github.com/unlockrd/unlockrd/unlock/blockdev"
 
 	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 	"github.com/unlockrd/unlockrd/initramfs/sysroot"
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
 	"github.com/unlockrd/unlockrd/netboot/netup"
@@ -204,7 +205,7 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 // config is stage 2: the embedded configuration, validated, then the
 // kernel command line's overrides.
 func (r *runner) config() (*config.Config, error) {
-	b, err := os.ReadFile(filepath.Join(r.o.ImageRoot, config.ImagePath))
+	b, err := os.ReadFile(filepath.Join(r.o.ImageRoot, layout.ConfigPath))
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}

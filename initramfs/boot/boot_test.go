@@ -16,6 +16,7 @@ import (
 	"github.com/unlockrd/unlockrd/unlock/secret"
 
 	"github.com/unlockrd/unlockrd/initramfs/config"
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 	"github.com/unlockrd/unlockrd/initramfs/retry"
 	"github.com/unlockrd/unlockrd/initramfs/sysroot"
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
@@ -124,7 +125,7 @@ func (f *fixture) run(ctx context.Context) error {
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	p := filepath.Join(f.image, config.ImagePath)
+	p := filepath.Join(f.image, layout.ConfigPath)
 	if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 		f.t.Fatal(err)
 	}

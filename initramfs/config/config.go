@@ -20,9 +20,6 @@ import (
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
-// ImagePath is where the builder puts the configuration inside the image.
-const ImagePath = "etc/unlockrd/config.json"
-
 // Config is the whole configuration.
 type Config struct {
 	Key     Key      `yaml:"key" json:"key"`

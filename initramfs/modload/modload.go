@@ -1,6 +1,6 @@
 // Package modload is boot stage 3: it loads the kernel modules the image
-// carries, in the dependency order the builder computed and wrote to
-// /etc/unlockrd/modules.json.
+// carries, in the dependency order the builder computed and wrote to the
+// load list (layout.ModulesPath, /etc/unlockrd/modules.json).
 //
 // Modules whose dependencies are all loaded are loaded concurrently: module
 // init functions probe hardware and can sleep, and under emulation the
@@ -9,7 +9,6 @@ package modload
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -18,23 +17,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
 
 	"golang.org/x/sys/unix"
 )
-
-// ListPath is where the builder writes the load list inside the image.
-const ListPath = "etc/unlockrd/modules.json"
-
-// Module is one entry of the load list.
-type Module struct {
-	Name string   `json:"name"`
-	Path string   `json:"path"` // relative to the image root
-	Deps []string `json:"deps"`
-	// Optional modules (CPU-specific accelerations, soft dependencies)
-	// may fail to load without failing the boot.
-	Optional bool `json:"optional"`
-}
 
 // Result summarises a load.
 type Result struct {
@@ -65,17 +52,17 @@ func (r Result) String() string {
 }
 
 // ReadList reads the load list from root (the image root, "/" at boot).
-func ReadList(root string) ([]Module, error) {
-	b, err := os.ReadFile(filepath.Join(root, ListPath))
+func ReadList(root string) ([]layout.Module, error) {
+	b, err := os.ReadFile(filepath.Join(root, layout.ModulesPath))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("module list: %w", err)
 	}
-	var mods []Module
-	if err := json.Unmarshal(b, &mods); err != nil {
-		return nil, fmt.Errorf("module list %s: %w", ListPath, err)
+	mods, err := layout.DecodeModules(b)
+	if err != nil {
+		return nil, fmt.Errorf("module list %w", err)
 	}
 	return mods, nil
 }
@@ -107,7 +94,7 @@ const moduleInitCompressedFile = 4
 // Load loads mods under root. Every module waits only for its own
 // dependencies. A required module that fails fails the stage, naming it;
 // modules that depend on a failed one are not attempted.
-func Load(ctx context.Context, root string, mods []Module, load Loader, log ulog.Logger) (Result, error) {
+func Load(ctx context.Context, root string, mods []layout.Module, load Loader, log ulog.Logger) (Result, error) {
 	start := time.Now()
 	if load == nil {
 		load = FileLoader
@@ -191,7 +178,7 @@ func isOptionalErr(err error) bool {
 // CheckRelease compares the kernel release the image was built for with
 // the running kernel. A mismatch means no module will load.
 func CheckRelease(root string) error {
-	want, err := os.ReadFile(filepath.Join(root, "etc/unlockrd/release"))
+	want, err := os.ReadFile(filepath.Join(root, layout.ReleasePath))
 	if err != nil {
 		return nil // image without modules
 	}
@@ -200,7 +187,7 @@ func CheckRelease(root string) error {
 		return fmt.Errorf("uname: %w", err)
 	}
 	have := unix.ByteSliceToString(u.Release[:])
-	if w := strings.TrimSpace(string(want)); w != have {
+	if w := layout.DecodeRelease(want); w != have {
 		return fmt.Errorf("image was built for kernel %s but the running kernel is %s: its modules cannot load", w, have)
 	}
 	return nil

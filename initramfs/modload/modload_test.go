@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
 
 	"golang.org/x/sys/unix"
@@ -45,8 +46,8 @@ func (r *recorder) load(path string) error {
 	return nil
 }
 
-func mods() []Module {
-	return []Module{
+func mods() []layout.Module {
+	return []layout.Module{
 		{Name: "virtio", Path: "virtio.ko"},
 		{Name: "virtio_ring", Path: "virtio_ring.ko", Deps: []string{"virtio"}},
 		{Name: "virtio_pci", Path: "virtio_pci.ko", Deps: []string{"virtio", "virtio_ring"}},
@@ -58,7 +59,7 @@ func mods() []Module {
 	}
 }
 
-func newRecorder(ms []Module) *recorder {
+func newRecorder(ms []layout.Module) *recorder {
 	r := &recorder{done: map[string]bool{}, deps: map[string][]string{}, fail: map[string]error{}}
 	for _, m := range ms {
 		r.deps[m.Name] = m.Deps

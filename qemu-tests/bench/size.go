@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/initramfs/host/image"
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
 )
 
@@ -85,7 +86,7 @@ func benchSize(ctx context.Context, r *report) error {
 	if err != nil {
 		return err
 	}
-	initBin, _ := c.File(image.InitPath)
+	initBin, _ := c.File(layout.InitPath)
 	r.printf("unlockrd image, default modules %v -> %d modules for %s:", harness.DefaultModules, len(c.Modules), k.Release)
 	r.printf("  %-44s %s", "xz (default):", mb(ours[image.DefaultCompression]))
 	r.printf("  %-44s %s", "zstd (--compress zstd):", mb(ours[image.Zstd]))

@@ -17,7 +17,6 @@ import (
 	"bytes"
 	"context"
 	"debug/elf"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -33,31 +32,10 @@ import (
 
 	"github.com/u-root/mkuimage/cpio"
 
-	"github.com/unlockrd/unlockrd/initramfs/config"
 	"github.com/unlockrd/unlockrd/initramfs/host/kmod"
 	"github.com/unlockrd/unlockrd/initramfs/host/yamlconfig"
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 )
-
-// Paths inside the image, relative to its root.
-const (
-	InitPath    = "init"
-	ConfigPath  = config.ImagePath
-	ModulesPath = "etc/unlockrd/modules.json"
-	ReleasePath = "etc/unlockrd/release"
-	ModulesRoot = "lib/modules" // + /<release>/<path in the module tree>
-)
-
-// ModuleEntry is one element of ModulesPath, a JSON array in load order.
-// The boot side (initramfs/modload) reads the same fields.
-type ModuleEntry struct {
-	Name string `json:"name"`
-	// Path is relative to the image root.
-	Path string `json:"path"`
-	// Deps are the modules to wait for (kmod.Module.Deps).
-	Deps []string `json:"deps"`
-	// Optional modules may fail to load without failing the boot.
-	Optional bool `json:"optional"`
-}
 
 // Options are the inputs of Build. Nothing else is read: not the
 // environment, not the working directory beyond resolving these paths.
@@ -192,8 +170,8 @@ func Build(ctx context.Context, o Options) (*Report, error) {
 	rep.Modules = mods
 
 	entries := []entry{
-		{name: InitPath, mode: cpio.S_IFREG | 0o755, data: static(initBin), size: &rep.InitSize},
-		{name: ConfigPath, mode: cpio.S_IFREG | 0o644, data: static(cfgJSON), size: &rep.ConfigSize},
+		{name: layout.InitPath, mode: cpio.S_IFREG | 0o755, data: static(initBin), size: &rep.InitSize},
+		{name: layout.ConfigPath, mode: cpio.S_IFREG | 0o644, data: static(cfgJSON), size: &rep.ConfigSize},
 		{name: "dev/console", mode: cpio.S_IFCHR | 0o600, rmajor: 5, rminor: 1},
 	}
 	for _, d := range []string{"dev", "proc", "sys", "run", "sysroot", "etc"} {
@@ -201,13 +179,13 @@ func Build(ctx context.Context, o Options) (*Report, error) {
 	}
 	entries = append(entries, entry{name: "tmp", mode: cpio.S_IFDIR | 0o1777})
 	if tree != nil {
-		list := make([]ModuleEntry, 0, len(mods))
+		list := make([]layout.Module, 0, len(mods))
 		compressed := false
 		for _, m := range mods {
 			m := m
-			p := path.Join(ModulesRoot, rep.Release, kmod.StripCompression(m.Path))
-			compressed = compressed || p != path.Join(ModulesRoot, rep.Release, m.Path)
-			list = append(list, ModuleEntry{Name: m.Name, Path: p, Deps: m.Deps, Optional: m.Optional})
+			p := path.Join(layout.ModulesRoot, rep.Release, kmod.StripCompression(m.Path))
+			compressed = compressed || p != path.Join(layout.ModulesRoot, rep.Release, m.Path)
+			list = append(list, layout.Module{Name: m.Name, Path: p, Deps: m.Deps, Optional: m.Optional})
 			entries = append(entries, entry{
 				name: p, mode: cpio.S_IFREG | 0o644, size: &rep.ModulesSize,
 				data: func() ([]byte, error) { return tree.ReadModule(m) },
@@ -222,13 +200,13 @@ func Build(ctx context.Context, o Options) (*Report, error) {
 		if compressed {
 			log.Printf("modules are stored uncompressed: the image is compressed as a whole, where plain modules compress better than compressed ones, and the kernel need not have CONFIG_MODULE_DECOMPRESS")
 		}
-		listJSON, err := json.MarshalIndent(list, "", "  ")
+		listJSON, err := layout.EncodeModules(list)
 		if err != nil {
 			return nil, err
 		}
 		entries = append(entries,
-			entry{name: ModulesPath, mode: cpio.S_IFREG | 0o644, data: static(append(listJSON, '\n'))},
-			entry{name: ReleasePath, mode: cpio.S_IFREG | 0o644, data: static([]byte(rep.Release + "\n"))},
+			entry{name: layout.ModulesPath, mode: cpio.S_IFREG | 0o644, data: static(listJSON)},
+			entry{name: layout.ReleasePath, mode: cpio.S_IFREG | 0o644, data: static(layout.EncodeRelease(rep.Release))},
 		)
 	}
 	entries = withParents(entries)

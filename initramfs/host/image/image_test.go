@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/layout"
+
 	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
 
 	"github.com/unlockrd/unlockrd/initramfs/host/image/imagetest"
@@ -264,7 +266,7 @@ func TestReadRoundTrip(t *testing.T) {
 			t.Error("entries are not sorted")
 		}
 		for name, mode := range map[string]fs.FileMode{
-			"init": 0o755, ConfigPath: 0o644, ModulesPath: 0o644, ReleasePath: 0o644,
+			layout.InitPath: 0o755, layout.ConfigPath: 0o644, layout.ModulesPath: 0o644, layout.ReleasePath: 0o644,
 			"dev": fs.ModeDir | 0o755, "proc": fs.ModeDir | 0o755, "sys": fs.ModeDir | 0o755,
 			"run": fs.ModeDir | 0o755, "sysroot": fs.ModeDir | 0o755, "etc": fs.ModeDir | 0o755,
 			"tmp":         fs.ModeDir | fs.ModeSticky | 0o777,

@@ -2,15 +2,15 @@ package image
 
 import (
 	"bytes"
-	"encoding/json"
 	"fmt"
 	"io"
 	"io/fs"
 	"os"
-	"strings"
 	"time"
 
 	"github.com/u-root/mkuimage/cpio"
+
+	"github.com/unlockrd/unlockrd/initramfs/layout"
 )
 
 // Entry is one record of an image.
@@ -32,11 +32,11 @@ type Entry struct {
 type Contents struct {
 	Compression Compression
 	Entries     []Entry
-	// Config is the embedded configuration (ConfigPath), nil if absent.
+	// Config is the embedded configuration (layout.ConfigPath), nil if absent.
 	Config []byte
-	// Modules is the module load list (ModulesPath).
-	Modules []ModuleEntry
-	// Release is the kernel release the modules are for (ReleasePath).
+	// Modules is the module load list (layout.ModulesPath).
+	Modules []layout.Module
+	// Release is the kernel release the modules are for (layout.ReleasePath).
 	Release string
 	// Uncompressed is the size of the cpio archive.
 	Uncompressed int64
@@ -104,15 +104,15 @@ func Read(r io.Reader) (*Contents, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cpio archive: %w", err)
 	}
-	if b, ok := c.File(ConfigPath); ok {
+	if b, ok := c.File(layout.ConfigPath); ok {
 		c.Config = b
 	}
-	if b, ok := c.File(ReleasePath); ok {
-		c.Release = strings.TrimSpace(string(b))
+	if b, ok := c.File(layout.ReleasePath); ok {
+		c.Release = layout.DecodeRelease(b)
 	}
-	if b, ok := c.File(ModulesPath); ok {
-		if err := json.Unmarshal(b, &c.Modules); err != nil {
-			return nil, fmt.Errorf("%s: %w", ModulesPath, err)
+	if b, ok := c.File(layout.ModulesPath); ok {
+		if c.Modules, err = layout.DecodeModules(b); err != nil {
+			return nil, err
 		}
 	}
 	return c, nil

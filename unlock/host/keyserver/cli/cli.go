@@ -20,6 +20,7 @@ import (
 
 	"golang.org/x/term"
 
+	"github.com/unlockrd/unlockrd/initramfs/host/cliflag"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store/etcdstore"
@@ -51,9 +52,6 @@ and TLS key): --etcd-endpoints URL[,URL...] [--etcd-prefix P]
 $UNLOCKRD_ETCD_PASSWORD]. Every command takes these.
 `
 
-// errUsage makes Main exit 2.
-var errUsage = errors.New("usage")
-
 type env struct {
 	ctx            context.Context
 	stdin          io.Reader
@@ -66,24 +64,21 @@ type env struct {
 func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
 	e := &env{ctx: ctx, stdin: stdin, stdout: stdout, stderr: stderr, getenv: os.Getenv}
 	err := e.run(args)
+	code := cliflag.Status(err)
 	switch {
-	case err == nil:
-		return 0
 	case errors.Is(err, flag.ErrHelp):
 		fmt.Fprint(stderr, usage)
-		return 0
-	case errors.Is(err, errUsage):
+	case code == 2:
 		fmt.Fprintf(stderr, "%s: %v\n%s", prog, err, usage)
-		return 2
-	default:
+	case code == 1:
 		fmt.Fprintf(stderr, "%s: %v\n", prog, err)
-		return 1
 	}
+	return code
 }
 
 func (e *env) run(args []string) error {
 	if len(args) == 0 {
-		return fmt.Errorf("%w: no command", errUsage)
+		return fmt.Errorf("%w: no command", cliflag.ErrUsage)
 	}
 	switch args[0] {
 	case "serve":
@@ -94,20 +89,14 @@ func (e *env) run(args []string) error {
 		return e.pin(args[1:])
 	case "host":
 		if len(args) < 2 {
-			return fmt.Errorf("%w: host needs a subcommand", errUsage)
+			return fmt.Errorf("%w: host needs a subcommand", cliflag.ErrUsage)
 		}
 		return e.host(args[1], args[2:])
 	case "help", "-h", "--help":
 		return flag.ErrHelp
 	}
-	return fmt.Errorf("%w: unknown command %q", errUsage, args[0])
+	return fmt.Errorf("%w: unknown command %q", cliflag.ErrUsage, args[0])
 }
-
-// multi is a repeatable string flag.
-type multi []string
-
-func (m *multi) String() string     { return strings.Join(*m, ",") }
-func (m *multi) Set(s string) error { *m = append(*m, s); return nil }
 
 // common holds the flags every command takes.
 type common struct {
@@ -129,8 +118,8 @@ type etcdFlags struct {
 const EtcdPasswordEnv = "UNLOCKRD_ETCD_PASSWORD"
 
 func (e *env) flags(name string, c *common) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
+	// Usage errors carry their message; Main prints it with the usage.
+	fs := cliflag.NewFlagSet(name, io.Discard)
 	fs.StringVar(&c.data, "data", "", "data folder")
 	fs.StringVar(&c.masterKey, "master-key", e.getenv(keyserver.MasterKeyEnv), "master key file (default DIR/master.key)")
 	fs.DurationVar(&c.lockTimeout, "lock-timeout", 10*time.Second, "how long to wait for the data file's lock, or for etcd")
@@ -149,12 +138,12 @@ func (e *env) etcdOptions(c *common) (*etcdstore.Options, error) {
 	switch c.storeKind {
 	case "bolt":
 		if c.etcd.endpoints != "" {
-			return nil, fmt.Errorf("%w: --etcd-endpoints needs --store etcd", errUsage)
+			return nil, fmt.Errorf("%w: --etcd-endpoints needs --store etcd", cliflag.ErrUsage)
 		}
 		return nil, nil
 	case "etcd":
 	default:
-		return nil, fmt.Errorf("%w: --store %q: want bolt or etcd", errUsage, c.storeKind)
+		return nil, fmt.Errorf("%w: --store %q: want bolt or etcd", cliflag.ErrUsage, c.storeKind)
 	}
 	var eps []string
 	for _, ep := range strings.Split(c.etcd.endpoints, ",") {
@@ -163,7 +152,7 @@ func (e *env) etcdOptions(c *common) (*etcdstore.Options, error) {
 		}
 	}
 	if len(eps) == 0 {
-		return nil, fmt.Errorf("%w: --store etcd needs --etcd-endpoints URL[,URL...]", errUsage)
+		return nil, fmt.Errorf("%w: --store etcd needs --etcd-endpoints URL[,URL...]", cliflag.ErrUsage)
 	}
 	o := &etcdstore.Options{Endpoints: eps, Prefix: c.etcd.prefix}
 	if c.etcd.user != "" {
@@ -171,7 +160,7 @@ func (e *env) etcdOptions(c *common) (*etcdstore.Options, error) {
 	}
 	if c.etcd.caFile != "" || c.etcd.certFile != "" {
 		if (c.etcd.certFile == "") != (c.etcd.keyFile == "") {
-			return nil, fmt.Errorf("%w: --etcd-cert and --etcd-key go together", errUsage)
+			return nil, fmt.Errorf("%w: --etcd-cert and --etcd-key go together", cliflag.ErrUsage)
 		}
 		tc := &tls.Config{MinVersion: tls.VersionTLS12}
 		if c.etcd.caFile != "" {
@@ -196,29 +185,9 @@ func (e *env) etcdOptions(c *common) (*etcdstore.Options, error) {
 	return o, nil
 }
 
-// parse allows flags before and after positional arguments
-// ("host add NAME --data DIR" as well as "host add --data DIR NAME").
-func parse(fs *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				return nil, err
-			}
-			return nil, fmt.Errorf("%w: %s: %v", errUsage, fs.Name(), err)
-		}
-		args = fs.Args()
-		if len(args) == 0 {
-			return pos, nil
-		}
-		pos = append(pos, args[0])
-		args = args[1:]
-	}
-}
-
 func (e *env) open(c *common, create bool) (*keyserver.Data, error) {
 	if c.data == "" {
-		return nil, fmt.Errorf("%w: --data DIR is required", errUsage)
+		return nil, fmt.Errorf("%w: --data DIR is required", cliflag.ErrUsage)
 	}
 	eo, err := e.etcdOptions(c)
 	if err != nil {
@@ -254,7 +223,7 @@ func (e *env) serve(args []string) error {
 	listen := fs.String("listen", ":8443", "address to listen on")
 	certFile := fs.String("cert", "", "TLS certificate chain (PEM) instead of the folder's own")
 	keyFile := fs.String("key", "", "TLS private key (PEM) for --cert")
-	var sans multi
+	var sans cliflag.Multi
 	fs.Var(&sans, "san", "extra name or address for the generated certificate (repeatable)")
 	rateF := fs.Float64("rate", keyserver.DefaultGlobalLimit.PerSecond, "key requests per second, all hosts (0: no limit)")
 	burst := fs.Int("burst", keyserver.DefaultGlobalLimit.Burst, "burst of key requests, all hosts")
@@ -262,20 +231,20 @@ func (e *env) serve(args []string) error {
 	hostBurst := fs.Int("host-burst", keyserver.DefaultHostLimit.Burst, "burst of key requests per host")
 	grace := fs.Duration("grace", 10*time.Second, "how long requests in flight may finish on shutdown")
 	maxConns := fs.Int("max-conns", keyserver.DefaultMaxConns, "connections served at once; more wait in the listen queue (0: no limit)")
-	pos, err := parse(fs, args)
+	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 0 {
-		return fmt.Errorf("%w: serve takes no arguments, got %q", errUsage, pos)
+		return fmt.Errorf("%w: serve takes no arguments, got %q", cliflag.ErrUsage, pos)
 	}
 	if (*certFile == "") != (*keyFile == "") {
-		return fmt.Errorf("%w: --cert and --key go together", errUsage)
+		return fmt.Errorf("%w: --cert and --key go together", cliflag.ErrUsage)
 	}
 
 	d, err := e.open(&c, true)
 	if err != nil {
-		if errors.Is(err, errUsage) {
+		if errors.Is(err, cliflag.ErrUsage) {
 			return err
 		}
 		return fmt.Errorf("serve: refusing to start: %w", err)
@@ -332,14 +301,14 @@ func (e *env) serve(args []string) error {
 func (e *env) init(args []string) error {
 	var c common
 	fs := e.flags("init", &c)
-	var sans multi
+	var sans cliflag.Multi
 	fs.Var(&sans, "san", "extra name or address for the certificate (repeatable)")
-	pos, err := parse(fs, args)
+	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 0 {
-		return fmt.Errorf("%w: init takes no arguments", errUsage)
+		return fmt.Errorf("%w: init takes no arguments", cliflag.ErrUsage)
 	}
 	d, err := e.open(&c, true)
 	if err != nil {
@@ -358,12 +327,12 @@ func (e *env) pin(args []string) error {
 	var c common
 	fs := e.flags("pin", &c)
 	certFile := fs.String("cert", "", "print the pin of this PEM certificate instead")
-	pos, err := parse(fs, args)
+	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 0 {
-		return fmt.Errorf("%w: pin takes no arguments", errUsage)
+		return fmt.Errorf("%w: pin takes no arguments", cliflag.ErrUsage)
 	}
 	switch {
 	case *certFile != "":
@@ -383,7 +352,7 @@ func (e *env) pin(args []string) error {
 		}
 		fmt.Fprintln(e.stdout, p)
 	default:
-		return fmt.Errorf("%w: pin needs --data DIR or --cert FILE", errUsage)
+		return fmt.Errorf("%w: pin needs --data DIR or --cert FILE", cliflag.ErrUsage)
 	}
 	return nil
 }
@@ -396,7 +365,7 @@ func (e *env) host(sub string, args []string) error {
 	finish := fs.Bool("finish", false, "rotate: drop every key but the current one")
 	keyID := fs.String("id", "", "key: print this key instead of the current one")
 	force := fs.Bool("force", false, "key: write even to a terminal")
-	pos, err := parse(fs, args)
+	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
 		return err
 	}
@@ -405,7 +374,7 @@ func (e *env) host(sub string, args []string) error {
 		want = 0
 	}
 	if len(pos) != want {
-		return fmt.Errorf("%w: host %s takes %d argument(s), got %d", errUsage, sub, want, len(pos))
+		return fmt.Errorf("%w: host %s takes %d argument(s), got %d", cliflag.ErrUsage, sub, want, len(pos))
 	}
 	var name string
 	if want == 1 {
@@ -417,7 +386,7 @@ func (e *env) host(sub string, args []string) error {
 	switch sub {
 	case "add", "list", "rotate", "revoke", "reinstate", "token", "key":
 	default:
-		return fmt.Errorf("%w: unknown host command %q", errUsage, sub)
+		return fmt.Errorf("%w: unknown host command %q", cliflag.ErrUsage, sub)
 	}
 
 	d, err := e.open(&c, sub == "add")

@@ -1,4 +1,4 @@
-package main
+package mkcli_test
 
 import (
 	"bytes"
@@ -18,9 +18,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
-
 	"github.com/unlockrd/unlockrd/initramfs/host/image"
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
@@ -34,7 +33,7 @@ func TestMain(m *testing.M) {
 		panic(err)
 	}
 	bin = filepath.Join(dir, "mkunlockrd")
-	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, ".")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", bin, "github.com/unlockrd/unlockrd/cmd/mkunlockrd")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)
@@ -263,7 +262,7 @@ func TestUsage(t *testing.T) {
 	if r := mk(t, dir, nil, "frobnicate"); r.code != 2 || !strings.Contains(r.stderr, `unknown command "frobnicate"`) {
 		t.Errorf("unknown command: %+v", r)
 	}
-	for _, c := range []string{"build", "ls", "pin", "netboot"} {
+	for _, c := range []string{"build", "ls", "pin", "netboot", "check"} {
 		if r := mk(t, dir, nil, c, "-h"); r.code != 0 || !strings.Contains(r.stderr, "usage: mkunlockrd "+c) {
 			t.Errorf("%s -h: %+v", c, r)
 		}
