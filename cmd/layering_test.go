@@ -27,8 +27,7 @@ var shared = []string{
 }
 
 // allowedForTools are boot-only packages a tool may link for now.
-var allowedForTools = map[string]string{
-}
+var allowedForTools = map[string]string{}
 
 // under reports whether pkg (a full import path) is rel or inside it.
 func under(pkg, rel string) bool {
