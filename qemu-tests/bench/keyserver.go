@@ -173,24 +173,7 @@ func (p *proc) stop() {
 
 // memory reads the process's resident set size and its peak (VmHWM).
 func (p *proc) memory() (rss, peak int64, err error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
-	if err != nil {
-		return 0, 0, err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) < 2 {
-			continue
-		}
-		kb, _ := strconv.ParseInt(f[1], 10, 64)
-		switch f[0] {
-		case "VmRSS:":
-			rss = kb << 10
-		case "VmHWM:":
-			peak = kb << 10
-		}
-	}
-	return rss, peak, nil
+	return harness.ProcMemory(p.cmd.Process.Pid)
 }
 
 // benchHost is one enrolled host: what its fetch sends and must get back.
