@@ -38,7 +38,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
-	"github.com/unlockrd/unlockrd/initramfs/ulog"
+	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
 	"github.com/unlockrd/unlockrd/unlock/keys"
 	"github.com/unlockrd/unlockrd/unlock/pin"
@@ -132,15 +132,17 @@ func startTarget(t *testing.T, ctx context.Context) *target {
 // fetchOnce is one try of the boot client: one attempt, no retry.
 func (tg *target) fetchOnce(ctx context.Context) error {
 	stop := fmt.Errorf("one try only")
+	log := &ulogtest.Logger{}
 	k, err := keys.Fetch(ctx, keys.Config{
 		URLs:  []string{"https://" + tg.ks.Addr + "/v1/keys/{host}"},
 		Pins:  tg.pins,
 		Host:  hostID,
 		Token: bytes.Clone(tg.token),
 		Sleep: func(context.Context, time.Duration) error { return stop },
-	}, ulog.Null)
+	}, log)
 	if err != nil {
-		return err
+		// The client's own line says what went wrong.
+		return fmt.Errorf("%w: %s", err, strings.TrimSpace(log.String()))
 	}
 	defer k.Wipe()
 	if len(k.Keys) == 0 || !bytes.Equal(k.Keys[0], tg.key) {
