@@ -198,6 +198,20 @@ func clientTLS(p pin.Pin, cache tls.ClientSessionCache) *tls.Config {
 	}
 }
 
+// clientTransport is client i's transport, dialling from a loopback
+// address of its own (127.1.0.1 and up), as each host of a fleet has its
+// own address: the server's per-source limits then see a fleet, not one
+// client.
+func clientTransport(i int, tc *tls.Config, keepAlive bool) *http.Transport {
+	src := net.IPv4(127, byte(1+i/(250*250)), byte(i/250%250+1), byte(i%250+1))
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: src}}
+	return &http.Transport{
+		DialContext:       d.DialContext,
+		TLSClientConfig:   tc,
+		DisableKeepAlives: !keepAlive,
+	}
+}
+
 // loadMode is how a client reaches the server for each fetch.
 type loadMode struct {
 	name      string
@@ -268,13 +282,7 @@ func runLoad(ctx context.Context, p *proc, hosts []benchHost, check bool, client
 	if m.resume {
 		cache = tls.NewLRUClientSessionCache(0)
 	}
-	tr := &http.Transport{
-		TLSClientConfig:     clientTLS(p.pin, cache),
-		DisableKeepAlives:   !m.keepAlive,
-		MaxIdleConnsPerHost: clients,
-	}
-	defer tr.CloseIdleConnections()
-	c := &http.Client{Transport: tr}
+	tc := clientTLS(p.pin, cache)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	start := time.Now()
@@ -286,6 +294,9 @@ func runLoad(ctx context.Context, p *proc, hosts []benchHost, check bool, client
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			tr := clientTransport(i, tc, m.keepAlive)
+			defer tr.CloseIdleConnections()
+			c := &http.Client{Transport: tr}
 			h := hosts[i%len(hosts)]
 			url := "https://" + p.addr + keyserver.KeysPath + h.name
 			var lat []time.Duration
@@ -446,7 +457,7 @@ func benchKeyServer(ctx context.Context, r *report) error {
 	if err != nil {
 		return err
 	}
-	r.printf("servers: unlockrd-keyserver binary (bbolt, audit lines to a file, admission limits off) and a bare Go TLS server (same http.Server and TLS settings, ECDSA P-256, fixed %d-byte body), each its own process; Go client in the bench process; loopback, %d cores shared by all three",
+	r.printf("servers: unlockrd-keyserver binary (bbolt, audit lines to a file, admission limits off) and a bare Go TLS server (same http.Server and TLS settings, ECDSA P-256, fixed %d-byte body), each its own process; Go client in the bench process, each client from its own loopback address (the key server's per-source limits stay on); loopback, %d cores shared by all three",
 		bareBodyLn, numCPU())
 	r.printf("each cell: %s warm-up (x3 at 1024 clients), then fetches completed in %s; %d rounds (%d for new handshakes at 64 clients), bare and key server interleaved; rate = median (min-max), latency over all rounds",
 		warm, window, rounds, targetRounds)
@@ -645,11 +656,7 @@ func stormRun(ctx context.Context, r *report, dir, bin, data string, hosts []ben
 		}
 	}()
 
-	tr := &http.Transport{
-		TLSClientConfig:   clientTLS(ks.pin, nil),
-		DisableKeepAlives: true,
-	}
-	c := &http.Client{Transport: tr}
+	tc := clientTLS(ks.pin, nil)
 	sctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
 	defer cancel()
 	var st stormStats
@@ -661,6 +668,7 @@ func stormRun(ctx context.Context, r *report, dir, bin, data string, hosts []ben
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			c := &http.Client{Transport: clientTransport(i, tc, false)}
 			h := hosts[i]
 			url := "https://" + ks.addr + keyserver.KeysPath + h.name
 			got, failures := 0, 0
