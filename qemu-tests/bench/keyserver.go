@@ -450,14 +450,16 @@ func benchKeyServer(ctx context.Context, r *report) error {
 		return err
 	}
 	defer bare.stop()
-	// Admission limits off: this measures capacity; the storm below
-	// measures shedding.
+	// Rate limits off: this measures capacity (one client alone makes
+	// hundreds of connections a second, over --source-conn-rate); the
+	// storm below measures shedding. The rest of admission (per-source
+	// connection cap, failure accounting) stays on and is measured.
 	ks, err := startProc(ctx, filepath.Join(dir, "serve.log"), nil, ksBin,
-		"serve", "--data", data, "--listen", "127.0.0.1:0", "--rate", "0", "--host-rate", "0")
+		"serve", "--data", data, "--listen", "127.0.0.1:0", "--rate", "0", "--host-rate", "0", "--source-conn-rate", "0")
 	if err != nil {
 		return err
 	}
-	r.printf("servers: unlockrd-keyserver binary (bbolt, audit lines to a file, admission limits off) and a bare Go TLS server (same http.Server and TLS settings, ECDSA P-256, fixed %d-byte body), each its own process; Go client in the bench process, each client from its own loopback address (the key server's per-source limits stay on); loopback, %d cores shared by all three",
+	r.printf("servers: unlockrd-keyserver binary (bbolt, audit lines to a file, rate limits off) and a bare Go TLS server (same http.Server and TLS settings, ECDSA P-256, fixed %d-byte body), each its own process; Go client in the bench process, each client from its own loopback address (the key server's per-source connection cap and failure accounting stay on); loopback, %d cores shared by all three",
 		bareBodyLn, numCPU())
 	r.printf("each cell: %s warm-up (x3 at 1024 clients), then fetches completed in %s; %d rounds (%d for new handshakes at 64 clients), bare and key server interleaved; rate = median (min-max), latency over all rounds",
 		warm, window, rounds, targetRounds)
