@@ -52,7 +52,7 @@ func verifyPinned(pins []pin.Pin, cas []*x509.Certificate, serverName string, no
 						ErrPin, c.Subject.String(), leafPin)
 				}
 			}
-			return fmt.Errorf("%w: the server's key matches no configured pin (its key is %s)", ErrPin, leafPin)
+			return fmt.Errorf("%w: no certificate from the server matches a configured pin (its key is %s)", ErrPin, leafPin)
 		}
 		inter := x509.NewCertPool()
 		for _, c := range certs[1:] {
