@@ -173,24 +173,7 @@ func (p *proc) stop() {
 
 // memory reads the process's resident set size and its peak (VmHWM).
 func (p *proc) memory() (rss, peak int64, err error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
-	if err != nil {
-		return 0, 0, err
-	}
-	for _, l := range strings.Split(string(b), "\n") {
-		f := strings.Fields(l)
-		if len(f) < 2 {
-			continue
-		}
-		kb, _ := strconv.ParseInt(f[1], 10, 64)
-		switch f[0] {
-		case "VmRSS:":
-			rss = kb << 10
-		case "VmHWM:":
-			peak = kb << 10
-		}
-	}
-	return rss, peak, nil
+	return harness.ProcMemory(p.cmd.Process.Pid)
 }
 
 // benchHost is one enrolled host: what its fetch sends and must get back.
@@ -212,6 +195,20 @@ func clientTLS(p pin.Pin, cache tls.ClientSessionCache) *tls.Config {
 			return nil
 		},
 		ClientSessionCache: cache,
+	}
+}
+
+// clientTransport is client i's transport, dialling from a loopback
+// address of its own (127.1.0.1 and up), as each host of a fleet has its
+// own address: the server's per-source limits then see a fleet, not one
+// client.
+func clientTransport(i int, tc *tls.Config, keepAlive bool) *http.Transport {
+	src := net.IPv4(127, byte(1+i/(250*250)), byte(i/250%250+1), byte(i%250+1))
+	d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: src}}
+	return &http.Transport{
+		DialContext:       d.DialContext,
+		TLSClientConfig:   tc,
+		DisableKeepAlives: !keepAlive,
 	}
 }
 
@@ -285,13 +282,7 @@ func runLoad(ctx context.Context, p *proc, hosts []benchHost, check bool, client
 	if m.resume {
 		cache = tls.NewLRUClientSessionCache(0)
 	}
-	tr := &http.Transport{
-		TLSClientConfig:     clientTLS(p.pin, cache),
-		DisableKeepAlives:   !m.keepAlive,
-		MaxIdleConnsPerHost: clients,
-	}
-	defer tr.CloseIdleConnections()
-	c := &http.Client{Transport: tr}
+	tc := clientTLS(p.pin, cache)
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	start := time.Now()
@@ -303,6 +294,9 @@ func runLoad(ctx context.Context, p *proc, hosts []benchHost, check bool, client
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			tr := clientTransport(i, tc, m.keepAlive)
+			defer tr.CloseIdleConnections()
+			c := &http.Client{Transport: tr}
 			h := hosts[i%len(hosts)]
 			url := "https://" + p.addr + keyserver.KeysPath + h.name
 			var lat []time.Duration
@@ -456,14 +450,16 @@ func benchKeyServer(ctx context.Context, r *report) error {
 		return err
 	}
 	defer bare.stop()
-	// Admission limits off: this measures capacity; the storm below
-	// measures shedding.
+	// Rate limits off: this measures capacity (one client alone makes
+	// hundreds of connections a second, over --source-conn-rate); the
+	// storm below measures shedding. The rest of admission (per-source
+	// connection cap, failure accounting) stays on and is measured.
 	ks, err := startProc(ctx, filepath.Join(dir, "serve.log"), nil, ksBin,
-		"serve", "--data", data, "--listen", "127.0.0.1:0", "--rate", "0", "--host-rate", "0")
+		"serve", "--data", data, "--listen", "127.0.0.1:0", "--rate", "0", "--host-rate", "0", "--source-conn-rate", "0")
 	if err != nil {
 		return err
 	}
-	r.printf("servers: unlockrd-keyserver binary (bbolt, audit lines to a file, admission limits off) and a bare Go TLS server (same http.Server and TLS settings, ECDSA P-256, fixed %d-byte body), each its own process; Go client in the bench process; loopback, %d cores shared by all three",
+	r.printf("servers: unlockrd-keyserver binary (bbolt, audit lines to a file, rate limits off) and a bare Go TLS server (same http.Server and TLS settings, ECDSA P-256, fixed %d-byte body), each its own process; Go client in the bench process, each client from its own loopback address (the key server's per-source connection cap and failure accounting stay on); loopback, %d cores shared by all three",
 		bareBodyLn, numCPU())
 	r.printf("each cell: %s warm-up (x3 at 1024 clients), then fetches completed in %s; %d rounds (%d for new handshakes at 64 clients), bare and key server interleaved; rate = median (min-max), latency over all rounds",
 		warm, window, rounds, targetRounds)
@@ -662,11 +658,7 @@ func stormRun(ctx context.Context, r *report, dir, bin, data string, hosts []ben
 		}
 	}()
 
-	tr := &http.Transport{
-		TLSClientConfig:   clientTLS(ks.pin, nil),
-		DisableKeepAlives: true,
-	}
-	c := &http.Client{Transport: tr}
+	tc := clientTLS(ks.pin, nil)
 	sctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
 	defer cancel()
 	var st stormStats
@@ -678,6 +670,7 @@ func stormRun(ctx context.Context, r *report, dir, bin, data string, hosts []ben
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			c := &http.Client{Transport: clientTransport(i, tc, false)}
 			h := hosts[i]
 			url := "https://" + ks.addr + keyserver.KeysPath + h.name
 			got, failures := 0, 0

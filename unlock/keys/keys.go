@@ -35,6 +35,7 @@ package keys
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -59,7 +60,12 @@ type Config struct {
 	// URLs in order of preference; {host} is replaced by Host. See the
 	// package documentation for how several are used.
 	URLs []string
+	// Pins are SPKI pins of the server's own (leaf) key.
 	Pins []pin.Pin
+	// CAs are CA certificates (pin.ParseCAs) a leaf matching no pin
+	// must verify up to; they are trusted as given here, never as a
+	// server sends them.
+	CAs  []*x509.Certificate
 	Host string
 	// Token is sent as a bearer token when non-empty. It is a secret:
 	// Fetch never logs it, and the caller wipes it.
@@ -187,8 +193,8 @@ func Fetch(ctx context.Context, cfg Config, log ulog.Logger) (*Keys, error) {
 	if len(cfg.URLs) == 0 {
 		return nil, errors.New("no key server URL configured")
 	}
-	if len(cfg.Pins) == 0 {
-		return nil, errors.New("no pin configured")
+	if len(cfg.Pins) == 0 && len(cfg.CAs) == 0 {
+		return nil, errors.New("no pin or CA certificate configured")
 	}
 	if cfg.AttemptTimeout <= 0 {
 		cfg.AttemptTimeout = 10 * time.Second
@@ -378,7 +384,7 @@ func (f *fetcher) waitAfter(err error, round int) time.Duration {
 func attempt(ctx context.Context, u *url.URL, cfg Config, dialer *net.Dialer) (*Keys, error) {
 	actx, cancel := context.WithTimeout(ctx, cfg.AttemptTimeout)
 	defer cancel()
-	tc := tlsConfig(cfg.Pins, u.Hostname(), cfg.Now)
+	tc := tlsConfig(cfg.Pins, cfg.CAs, u.Hostname(), cfg.Now)
 	cur := u
 	seen := map[string]bool{u.String(): true}
 	for redirects := 0; ; redirects++ {

@@ -237,7 +237,7 @@ func TestCAPinValidChain(t *testing.T) {
 	ca := makeCert(t, validTemplate("ca", true), nil, nil)
 	leaf := makeCert(t, validTemplate("leaf", false), ca, nil)
 	s := startServer(t, []*certKit{leaf, ca}, keyHandler(testKey))
-	k, err, _, _ := fetch(t, []string{urlOf(s)}, []pin.Pin{pin.FromCert(ca.cert)}, 1, nil)
+	k, err, _, _ := fetchCA(t, []string{urlOf(s)}, ca, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -251,11 +251,11 @@ func TestCAPinForgedLeafBesideRealCA(t *testing.T) {
 	evilCA := makeCert(t, validTemplate("ca", true), nil, nil)
 	forged := makeCert(t, validTemplate("leaf", false), evilCA, nil)
 	s := startServer(t, []*certKit{forged, ca}, keyHandler(testKey))
-	_, err, log, _ := fetch(t, []string{urlOf(s)}, []pin.Pin{pin.FromCert(ca.cert)}, 1, nil)
+	_, err, log, _ := fetchCA(t, []string{urlOf(s)}, ca, nil)
 	if !errors.Is(err, errStop) || s.requests.Load() != 0 {
 		t.Fatalf("forged leaf accepted: err=%v requests=%d", err, s.requests.Load())
 	}
-	if !strings.Contains(log.String(), "does not verify up to the pinned certificate") {
+	if !strings.Contains(log.String(), "does not verify up to a configured CA certificate") {
 		t.Fatalf("log: %s", log)
 	}
 }
@@ -267,7 +267,7 @@ func TestCAPinWrongHostName(t *testing.T) {
 	tmpl.DNSNames = []string{"keys.example.net"}
 	leaf := makeCert(t, tmpl, ca, nil)
 	s := startServer(t, []*certKit{leaf, ca}, keyHandler(testKey))
-	_, err, _, _ := fetch(t, []string{urlOf(s)}, []pin.Pin{pin.FromCert(ca.cert)}, 1, nil)
+	_, err, _, _ := fetchCA(t, []string{urlOf(s)}, ca, nil)
 	if !errors.Is(err, errStop) || s.requests.Load() != 0 {
 		t.Fatalf("leaf for another host accepted under a CA pin: %v", err)
 	}
@@ -285,7 +285,7 @@ func TestCAPinExpiredLeafRefused(t *testing.T) {
 	ca := makeCert(t, validTemplate("ca", true), nil, nil)
 	leaf := makeCert(t, template("leaf", false, time.Now().Add(-48*time.Hour), time.Now().Add(-24*time.Hour)), ca, nil)
 	s := startServer(t, []*certKit{leaf, ca}, keyHandler(testKey))
-	if _, err, _, _ := fetch(t, []string{urlOf(s)}, []pin.Pin{pin.FromCert(ca.cert)}, 1, nil); !errors.Is(err, errStop) {
+	if _, err, _, _ := fetchCA(t, []string{urlOf(s)}, ca, nil); !errors.Is(err, errStop) {
 		t.Fatalf("expired leaf accepted under a CA pin: %v", err)
 	}
 }

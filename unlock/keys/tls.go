@@ -10,8 +10,8 @@ import (
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
-// ErrPin is wrapped when the server's certificates match no pin, or the
-// leaf does not verify up to the pinned certificate.
+// ErrPin is wrapped when the server's leaf matches no pin and does not
+// verify up to a configured CA certificate.
 var ErrPin = errors.New("pin check failed")
 
 // verifyPinned returns a tls.Config.VerifyConnection callback. It runs
@@ -19,15 +19,22 @@ var ErrPin = errors.New("pin check failed")
 // and 1.3, so a server that fails it never sees a request.
 //
 // A pin on the leaf's key accepts that key whatever the clock says: the
-// initramfs clock may be wrong and the key itself is what was pinned. A pin
-// on an issuing certificate accepts a leaf only if the leaf verifies up to
-// that very certificate (signatures, validity, key usage, host name), so
-// presenting a pinned public CA beside a leaf of one's own does not pass:
-// the leaf's signature must check out under the pinned key. The pinned
-// certificate must be among those the server presents (we hold only its
-// key's hash); that is the usual case for an intermediate, and for a
-// private CA the server can simply send it.
-func verifyPinned(pins []pin.Pin, serverName string, now func() time.Time) func(tls.ConnectionState) error {
+// initramfs clock may be wrong and the key itself is what was pinned.
+// Otherwise the leaf must verify (signatures, validity, key usage, host
+// name, and the CA's own validity, name constraints and path length) up to
+// one of cas, the CA certificates the image carries. Certificates the
+// server sends serve only as intermediates, which must verify up to one of
+// cas too; a server's copy of a CA is never trusted, since nobody checks
+// the signature on a root and a copy re-made without the CA's constraints
+// would otherwise pass (see pin.ParseCAs).
+func verifyPinned(pins []pin.Pin, cas []*x509.Certificate, serverName string, now func() time.Time) func(tls.ConnectionState) error {
+	var roots *x509.CertPool
+	if len(cas) > 0 {
+		roots = x509.NewCertPool()
+		for _, c := range cas {
+			roots.AddCert(c)
+		}
+	}
 	return func(cs tls.ConnectionState) error {
 		certs := cs.PeerCertificates
 		if len(certs) == 0 {
@@ -38,19 +45,18 @@ func verifyPinned(pins []pin.Pin, serverName string, now func() time.Time) func(
 		if pin.Match(leafPin, pins) {
 			return nil
 		}
-		roots := x509.NewCertPool()
-		inter := x509.NewCertPool()
-		anchored := false
-		for _, c := range certs[1:] {
-			if pin.Match(pin.FromCert(c), pins) {
-				roots.AddCert(c)
-				anchored = true
-			} else {
-				inter.AddCert(c)
+		if roots == nil {
+			for _, c := range certs[1:] {
+				if pin.Match(pin.FromCert(c), pins) {
+					return fmt.Errorf("%w: a pin matches the key of the server's CA certificate %q, but a CA is trusted only through its own certificate in the image, not the server's copy (its key is %s)",
+						ErrPin, c.Subject.String(), leafPin)
+				}
 			}
-		}
-		if !anchored {
 			return fmt.Errorf("%w: no certificate from the server matches a configured pin (its key is %s)", ErrPin, leafPin)
+		}
+		inter := x509.NewCertPool()
+		for _, c := range certs[1:] {
+			inter.AddCert(c)
 		}
 		t := now()
 		chains, err := leaf.Verify(x509.VerifyOptions{
@@ -63,16 +69,16 @@ func verifyPinned(pins []pin.Pin, serverName string, now func() time.Time) func(
 		if err != nil {
 			var ce x509.CertificateInvalidError
 			if errors.As(err, &ce) && ce.Reason == x509.Expired {
-				// Under a CA pin validity counts, and the initramfs
-				// clock is the usual suspect.
-				return fmt.Errorf("%w: leaf does not verify up to the pinned certificate: %v (the clock says %s)",
-					ErrPin, err, t.UTC().Format(time.RFC3339))
+				// Under a CA validity counts, and the initramfs clock is
+				// the usual suspect.
+				return fmt.Errorf("%w: leaf (key %s) does not verify up to a configured CA certificate: %v (the clock says %s)",
+					ErrPin, leafPin, err, t.UTC().Format(time.RFC3339))
 			}
-			return fmt.Errorf("%w: leaf does not verify up to the pinned certificate: %v", ErrPin, err)
+			return fmt.Errorf("%w: leaf (key %s) does not verify up to a configured CA certificate: %v", ErrPin, leafPin, err)
 		}
-		// crypto/x509 checks extended key usage and that every issuer,
-		// the pinned one too, is a CA allowed to sign certificates
-		// (CheckSignatureFrom), but not the leaf's key usage bits.
+		// crypto/x509 checks extended key usage and that every issuer
+		// is a CA allowed to sign certificates (CheckSignatureFrom), but
+		// not the leaf's key usage bits.
 		var kuErr error
 		for _, ch := range chains {
 			if kuErr = checkLeafKeyUsage(ch[0]); kuErr == nil {
@@ -111,7 +117,7 @@ var cipherSuites = []uint16{
 // ServerName is the URL's host. crypto/tls sends it as SNI only when it is
 // a DNS name, never for an IP literal (RFC 6066 forbids that), and the
 // CA-pin verification checks it against the leaf's DNS or IP names.
-func tlsConfig(pins []pin.Pin, serverName string, now func() time.Time) *tls.Config {
+func tlsConfig(pins []pin.Pin, cas []*x509.Certificate, serverName string, now func() time.Time) *tls.Config {
 	return &tls.Config{
 		MinVersion:   tls.VersionTLS12,
 		CipherSuites: cipherSuites,
@@ -120,7 +126,7 @@ func tlsConfig(pins []pin.Pin, serverName string, now func() time.Time) *tls.Con
 		// an initramfs does not have and must not trust; VerifyConnection
 		// does all of the checking instead, and runs on every handshake.
 		InsecureSkipVerify: true,
-		VerifyConnection:   verifyPinned(pins, serverName, now),
+		VerifyConnection:   verifyPinned(pins, cas, serverName, now),
 		// No ClientSessionCache: no resumption, so no handshake skips
 		// the certificate.
 	}

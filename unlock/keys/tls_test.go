@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
 
@@ -180,6 +181,18 @@ func TestTLS10And11Refused(t *testing.T) {
 	}
 }
 
+// fetchCA fetches trusting ca's certificate as the image would carry it,
+// with no pin.
+func fetchCA(t *testing.T, urls []string, ca *certKit, mod func(*Config)) (*Keys, error, *ulogtest.Logger, []time.Duration) {
+	t.Helper()
+	return fetch(t, urls, nil, 1, func(c *Config) {
+		c.CAs = []*x509.Certificate{ca.cert}
+		if mod != nil {
+			mod(c)
+		}
+	})
+}
+
 // caChain is root → intermediate → leaf.
 type caChain struct {
 	root, inter, leaf *certKit
@@ -206,15 +219,15 @@ func TestCAPinIntermediateChain(t *testing.T) {
 		{"root pinned, full chain sent", []*certKit{c.leaf, c.inter, c.root}, c.root, true, ""},
 		{"intermediate pinned, root not sent", []*certKit{c.leaf, c.inter}, c.inter, true, ""},
 		{"intermediate pinned, full chain sent", []*certKit{c.leaf, c.inter, c.root}, c.inter, true, ""},
-		// We hold only the root key's hash, so it must be presented.
-		{"root pinned but not sent", []*certKit{c.leaf, c.inter}, c.root, false, "no certificate from the server matches"},
-		{"forged leaf beside the real chain", []*certKit{evil, c.inter, c.root}, c.root, false, "does not verify up to the pinned certificate"},
-		{"self-signed leaf beside the pinned intermediate", []*certKit{evilByOwnKey, c.inter}, c.inter, false, "does not verify up to the pinned certificate"},
+		// The image carries the root: the server need not send it.
+		{"root trusted, not sent", []*certKit{c.leaf, c.inter}, c.root, true, ""},
+		{"forged leaf beside the real chain", []*certKit{evil, c.inter, c.root}, c.root, false, "does not verify up to a configured CA certificate"},
+		{"self-signed leaf beside the pinned intermediate", []*certKit{evilByOwnKey, c.inter}, c.inter, false, "does not verify up to a configured CA certificate"},
 		{"chain in the wrong order", []*certKit{c.leaf, c.root, c.inter}, c.root, true, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := startServer(t, tc.chain, keyHandler(testKey))
-			k, err, log, _ := fetch(t, []string{urlOf(s)}, []pin.Pin{pin.FromCert(tc.pin.cert)}, 1, nil)
+			k, err, log, _ := fetchCA(t, []string{urlOf(s)}, tc.pin, nil)
 			if tc.ok {
 				if err != nil {
 					t.Fatalf("refused: %v\n%s", err, log)
@@ -254,7 +267,7 @@ func TestCAPinKeyUsage(t *testing.T) {
 			}
 			leaf := makeCert(t, leafT, ca, nil)
 			s := startServer(t, []*certKit{leaf, ca}, keyHandler(testKey))
-			k, err, log, _ := fetch(t, []string{urlOf(s)}, []pin.Pin{pin.FromCert(ca.cert)}, 1, nil)
+			k, err, log, _ := fetchCA(t, []string{urlOf(s)}, ca, nil)
 			if tc.ok {
 				if err != nil {
 					t.Fatalf("refused: %v\n%s", err, log)
@@ -275,7 +288,7 @@ func TestCAPinWrongClockSaysSo(t *testing.T) {
 	ca := makeCert(t, validTemplate("ca", true), nil, nil)
 	leaf := makeCert(t, validTemplate("leaf", false), ca, nil)
 	s := startServer(t, []*certKit{leaf, ca}, keyHandler(testKey))
-	_, err, log, _ := fetch(t, []string{urlOf(s)}, []pin.Pin{pin.FromCert(ca.cert)}, 1, func(c *Config) {
+	_, err, log, _ := fetchCA(t, []string{urlOf(s)}, ca, func(c *Config) {
 		c.Now = func() time.Time { return time.Unix(0, 0) }
 	})
 	if !errors.Is(err, errStop) || !strings.Contains(log.String(), "the clock says 1970-01-01T00:00:00Z") {
@@ -307,6 +320,52 @@ func TestAnyPinMayMatch(t *testing.T) {
 	k, err, _, _ := fetch(t, []string{urlOf(s)}, pins, 1, nil)
 	if err != nil {
 		t.Fatal(err)
+	}
+	k.Wipe()
+}
+
+// TestCAServersCopyNotTrusted is issue 12's re-minted CA: a leaf the CA
+// really issued, outside what the CA's own certificate allows (its name
+// constraints, its validity), sent beside a copy of the CA re-made with
+// the CA's key and without those limits (the attacker cannot sign it
+// properly, and no one checks a root's signature). Only the image's copy
+// of the CA counts, so the leaf is refused; a pin over the CA's key, the
+// old way, is refused with a message saying what to configure.
+func TestCAServersCopyNotTrusted(t *testing.T) {
+	constrained := validTemplate("ca", true)
+	constrained.PermittedIPRanges = []*net.IPNet{{IP: net.IPv4(10, 0, 0, 0), Mask: net.CIDRMask(8, 32)}}
+	constrained.PermittedDNSDomains = []string{"corp.example"}
+	expired := template("ca", true, time.Now().Add(-48*time.Hour), time.Now().Add(-24*time.Hour))
+	for name, caT := range map[string]*x509.Certificate{"name constraints": constrained, "expired CA": expired} {
+		t.Run(name, func(t *testing.T) {
+			ca := makeCert(t, caT, nil, nil)
+			leaf := makeCert(t, validTemplate("leaf", false), ca, nil) // 127.0.0.1, localhost
+			remintT := validTemplate("ca", true)
+			remintT.Subject = ca.cert.Subject
+			remintT.SubjectKeyId = ca.cert.SubjectKeyId
+			evil := newKey(t)
+			remint := makeCert(t, remintT, &certKit{key: evil, cert: remintT}, ca.key)
+			if !bytes.Equal(remint.cert.RawSubjectPublicKeyInfo, ca.cert.RawSubjectPublicKeyInfo) {
+				t.Fatal("test setup: the copy does not carry the CA's key")
+			}
+			s := startServer(t, []*certKit{leaf, remint}, keyHandler(testKey))
+			_, err, log, _ := fetchCA(t, []string{urlOf(s)}, ca, nil)
+			if !errors.Is(err, errStop) || s.requests.Load() != 0 || !strings.Contains(log.String(), "does not verify up to a configured CA certificate") {
+				t.Fatalf("leaf outside the CA's limits accepted (or refused for another reason): err=%v requests=%d log=%s", err, s.requests.Load(), log)
+			}
+			_, err, log, _ = fetch(t, []string{urlOf(s)}, []pin.Pin{pin.FromCert(ca.cert)}, 1, nil)
+			if !errors.Is(err, errStop) || s.requests.Load() != 0 || !strings.Contains(log.String(), "trusted only through its own certificate in the image") {
+				t.Fatalf("CA key pin: err=%v requests=%d log=%s", err, s.requests.Load(), log)
+			}
+		})
+	}
+	// The control: within the CA's limits, the same setup is served.
+	ca := makeCert(t, validTemplate("ca", true), nil, nil)
+	leaf := makeCert(t, validTemplate("leaf", false), ca, nil)
+	s := startServer(t, []*certKit{leaf}, keyHandler(testKey))
+	k, err, log, _ := fetchCA(t, []string{urlOf(s)}, ca, nil)
+	if err != nil {
+		t.Fatalf("control: %v\n%s", err, log)
 	}
 	k.Wipe()
 }

@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"math/big"
 	"net"
 	"os"
@@ -126,10 +127,48 @@ func covers(leaf *x509.Certificate, sans []string) bool {
 	return true
 }
 
-func readECKey(path string) (*ecdsa.PrivateKey, error) {
-	data, err := os.ReadFile(path)
+// readPrivate reads a file holding a secret (a TLS private key), refusing
+// one that group or others may read: whoever reads tls.key can pose as the
+// server to every host pinning it and collect their tokens.
+// Errors don't name the file: callers do.
+func readPrivate(path string) ([]byte, error) {
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, errors.New("not a regular file")
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("mode %04o lets group or others read it; chmod 600 it", fi.Mode().Perm())
+	}
+	return io.ReadAll(io.LimitReader(f, 1<<20))
+}
+
+// LoadKeyPair is tls.LoadX509KeyPair for `serve --cert F --key F`, with
+// the key file held to the same rule as the folder's own tls.key.
+func LoadKeyPair(certFile, keyFile string) (tls.Certificate, error) {
+	certPEM, err := os.ReadFile(certFile)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	keyPEM, err := readPrivate(keyFile)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("TLS key %s: %w", keyFile, err)
+	}
+	defer clear(keyPEM)
+	return tls.X509KeyPair(certPEM, keyPEM)
+}
+
+func readECKey(path string) (*ecdsa.PrivateKey, error) {
+	data, err := readPrivate(path)
+	if err != nil {
+		return nil, fmt.Errorf("TLS key %s: %w", path, err)
 	}
 	defer clear(data)
 	b, _ := pem.Decode(data)
@@ -153,10 +192,7 @@ func readECKey(path string) (*ecdsa.PrivateKey, error) {
 func loadOrCreateKey(path string, create bool) (key *ecdsa.PrivateKey, created bool, err error) {
 	key, err = readECKey(path)
 	if err == nil || !errors.Is(err, os.ErrNotExist) || !create {
-		if err != nil {
-			err = fmt.Errorf("TLS key %s: %w", path, err)
-		}
-		return key, false, err
+		return key, false, err // readECKey names the file
 	}
 	if key, err = GenerateKey(); err != nil {
 		return nil, false, fmt.Errorf("TLS key %s: %w", path, err)

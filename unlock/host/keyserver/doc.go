@@ -55,15 +55,35 @@
 // # Request handling
 //
 // GET /v1/keys/{host} is checked in this order, cheapest and least
-// revealing first: a request body (413), method (405), host id syntax (400),
-// global then per-host token bucket (429 + Retry-After), bearer token
-// present (401), host known (404), token matches (401), host active (403).
-// Then the keys are unsealed, written as {"keys":[...]} (current first) and
-// wiped. A 4xx body says what was wrong. Every request, including /healthz
-// and those net/http rejects itself (malformed, headers over
-// MaxHeaderBytes, cut short; seen through the server's ConnState hook),
-// yields one AuditEvent (JSON line on stderr in the command) with no key
-// material or token.
+// revealing first: the source's admission (429 + Retry-After, see below),
+// a request body (413), method (405), host id syntax (400), bearer token
+// present (401), host known (404), token matches (401), host active (403),
+// and only then the host's and the global token bucket (429 +
+// Retry-After). Then the keys are unsealed, written as {"keys":[...]}
+// (current first) and wiped. A 4xx body says what was wrong. Every
+// request, including /healthz and those net/http rejects itself
+// (malformed, headers over MaxHeaderBytes, cut short; seen through the
+// server's ConnState hook), yields one AuditEvent (JSON line on stderr in
+// the command) with no key material or token.
+//
+// # Admission
+//
+// Host ids are not secret, so nothing a client without the token does may
+// spend what a host needs. The host's bucket and the global bucket are
+// charged only once the token matched. A failed key request (any 4xx
+// above) is charged to its source, an IPv4 address or an IPv6 /64
+// (SourceOf), and to a global failure budget; a source whose failure
+// bucket is empty, or which failed recently while the failure budget is
+// spent, is refused before any store work. A source that has not failed
+// is never refused there, so hosts keep booting while others flood.
+//
+// Below HTTP, SourceListener caps each source's open connections and new
+// connections per second, refusing the excess right after accept, before
+// a handshake is paid; the server speaks HTTP/1.1 only (no h2, whose
+// streams would multiply the handlers one connection holds), one request
+// per connection (no idle keep-alive holding a slot), with 5 s to finish
+// the handshake and the headers. The abuse suite (qemu-tests/abuse) runs
+// the attacks against the binary.
 //
 // # Load
 //

@@ -36,6 +36,8 @@ type config struct {
 	logger       ulog.Logger
 	audit        func(AuditEvent)
 	global, host Limit
+	sourceFail   Limit
+	fail         Limit
 	storeTimeout time.Duration
 }
 
@@ -64,15 +66,25 @@ func WithGlobalLimit(l Limit) Option { return func(c *config) { c.global = l } }
 // WithHostLimit sets the bucket each host id gets.
 func WithHostLimit(l Limit) Option { return func(c *config) { c.host = l } }
 
+// WithSourceFailLimit sets the bucket of failed key requests each source
+// address (see SourceOf) gets.
+func WithSourceFailLimit(l Limit) Option { return func(c *config) { c.sourceFail = l } }
+
+// WithFailLimit sets the bucket of failed key requests shared by all
+// sources; once empty, sources with recent failures are refused.
+func WithFailLimit(l Limit) Option { return func(c *config) { c.fail = l } }
+
 // WithStoreTimeout bounds one store lookup (default 5s); a lookup that
 // times out because the store is busy is answered 503 with Retry-After.
 func WithStoreTimeout(d time.Duration) Option { return func(c *config) { c.storeTimeout = d } }
 
 // Handler serves DESIGN §5 key requests and /healthz. Build it with New.
 type Handler struct {
-	c      config
-	global *rate.Limiter
-	hosts  *hostLimiters
+	c       config
+	global  *rate.Limiter
+	hosts   *keyedLimiters[string]
+	fails   *rate.Limiter
+	sources *keyedLimiters[Source]
 
 	conns sync.Map // net.Conn -> *connInfo
 
@@ -90,6 +102,8 @@ func New(opts ...Option) (*Handler, error) {
 		audit:        JSONAudit(os.Stderr),
 		global:       DefaultGlobalLimit,
 		host:         DefaultHostLimit,
+		sourceFail:   DefaultSourceFailLimit,
+		fail:         DefaultFailLimit,
 		storeTimeout: 5 * time.Second,
 	}
 	for _, o := range opts {
@@ -99,11 +113,17 @@ func New(opts ...Option) (*Handler, error) {
 		return nil, errors.New("keyserver.New: WithStore and WithSealer are required")
 	}
 	h := &Handler{c: c}
-	if c.global.PerSecond > 0 {
-		h.global = rate.NewLimiter(rate.Limit(c.global.PerSecond), c.global.Burst)
+	if c.global.on() {
+		h.global = c.global.limiter()
 	}
-	if c.host.PerSecond > 0 {
-		h.hosts = newHostLimiters(c.host)
+	if c.host.on() {
+		h.hosts = newKeyedLimiters[string](c.host)
+	}
+	if c.fail.on() {
+		h.fails = c.fail.limiter()
+	}
+	if c.sourceFail.on() {
+		h.sources = newKeyedLimiters[Source](c.sourceFail)
 	}
 	return h, nil
 }
@@ -136,6 +156,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case strings.HasPrefix(path, KeysPath):
 		h.keys(w, r, &ev, path[len(KeysPath):])
 	default:
+		h.failed(SourceOf(r.RemoteAddr))
 		h.fail(w, &ev, http.StatusNotFound, OutcomeNotFound, "not found: the key service answers GET "+KeysPath+"{host} and "+HealthPath)
 	}
 
@@ -199,37 +220,62 @@ func bearer(r *http.Request) (string, bool) {
 	return tok, true
 }
 
+// admit decides, before any store or crypto work, whether src may make a
+// key request now: not once its own failure bucket is empty, nor, once
+// the global failure budget is spent, if it failed recently. A source
+// that has not failed (a host with its token) is never refused here, so
+// no one without a token can keep it out.
+func (h *Handler) admit(src Source, now time.Time) (time.Duration, bool) {
+	if h.sources == nil {
+		return 0, true
+	}
+	wait, spent := h.sources.state(src, now)
+	if wait > 0 {
+		return wait, false
+	}
+	if spent && h.fails != nil {
+		if w := untilOne(h.fails, now); w > 0 {
+			return w, false
+		}
+	}
+	return 0, true
+}
+
+// failed charges a failed key request to its source and to the global
+// failure budget.
+func (h *Handler) failed(src Source) {
+	now := h.c.now()
+	if h.sources != nil {
+		h.sources.take(src, now)
+	}
+	if h.fails != nil {
+		h.fails.AllowN(now, 1)
+	}
+}
+
 func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, seg string) {
+	src := SourceOf(r.RemoteAddr)
+	if wait, ok := h.admit(src, h.c.now()); !ok {
+		h.tooMany(w, ev, wait, http.StatusTooManyRequests, OutcomeRateLimited)
+		return
+	}
 	if r.Method != http.MethodGet {
+		h.failed(src)
 		w.Header().Set("Allow", http.MethodGet)
 		h.fail(w, ev, http.StatusMethodNotAllowed, OutcomeMethodNotAllowed, "method not allowed: key requests are GET")
 		return
 	}
 	id, err := hostFromPath(seg)
 	if err != nil {
+		h.failed(src)
 		h.fail(w, ev, http.StatusBadRequest, OutcomeBadHost, "bad host id: "+err.Error())
 		return
 	}
 	ev.Host = id
 
-	// Admission before any store or crypto work, and before the token is
-	// looked at, so guessing tokens is as slow as the host's bucket.
-	now := h.c.now()
-	if h.global != nil {
-		if wait, ok := take(h.global, now); !ok {
-			h.tooMany(w, ev, wait, http.StatusTooManyRequests, OutcomeRateLimited)
-			return
-		}
-	}
-	if h.hosts != nil {
-		if wait, ok := h.hosts.take(id, now); !ok {
-			h.tooMany(w, ev, wait, http.StatusTooManyRequests, OutcomeRateLimited)
-			return
-		}
-	}
-
 	token, ok := bearer(r)
 	if !ok {
+		h.failed(src)
 		w.Header().Set("WWW-Authenticate", `Bearer realm="unlockrd"`)
 		h.fail(w, ev, http.StatusUnauthorized, OutcomeNoToken, "unauthorized: no bearer token (Authorization: Bearer TOKEN)")
 		return
@@ -240,9 +286,11 @@ func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, s
 	rec, err := h.c.store.Get(ctx, id)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
+		h.failed(src)
 		h.fail(w, ev, http.StatusNotFound, OutcomeUnknownHost, "unknown host")
 		return
 	case errors.Is(err, store.ErrBusy), errors.Is(err, context.DeadlineExceeded):
+		// Not the client's doing: no charge.
 		ev.Error = err.Error()
 		h.tooMany(w, ev, time.Second, http.StatusServiceUnavailable, OutcomeBusy)
 		return
@@ -254,13 +302,33 @@ func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, s
 	}
 
 	if !TokenMatches(rec.TokenHash, token) {
+		h.failed(src)
 		w.Header().Set("WWW-Authenticate", `Bearer realm="unlockrd", error="invalid_token"`)
 		h.fail(w, ev, http.StatusUnauthorized, OutcomeBadToken, "unauthorized: token does not match")
 		return
 	}
 	if rec.State != store.Active {
+		h.failed(src)
 		h.fail(w, ev, http.StatusForbidden, OutcomeRevoked, "host revoked")
 		return
+	}
+
+	// The token matched: only now are the host's and the global bucket
+	// charged, so a client without the token cannot spend what the host
+	// needs. The host bucket comes first: one host hammering with its
+	// own token spends its own bucket, not the fleet's.
+	now := h.c.now()
+	if h.hosts != nil {
+		if wait, ok := h.hosts.take(id, now); !ok {
+			h.tooMany(w, ev, wait, http.StatusTooManyRequests, OutcomeRateLimited)
+			return
+		}
+	}
+	if h.global != nil {
+		if wait, ok := take(h.global, now); !ok {
+			h.tooMany(w, ev, wait, http.StatusTooManyRequests, OutcomeRateLimited)
+			return
+		}
 	}
 
 	ids, keys, err := UnsealAll(h.c.sealer, rec)

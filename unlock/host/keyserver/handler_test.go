@@ -13,6 +13,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -83,7 +84,13 @@ func newHarness(t testing.TB, opts ...Option) *harness {
 }
 
 func (x *harness) do(method, path, token string) *httptest.ResponseRecorder {
+	return x.doFrom("192.0.2.1:1234", method, path, token)
+}
+
+// doFrom is do from the client address remote ("ip:port").
+func (x *harness) doFrom(remote, method, path, token string) *httptest.ResponseRecorder {
 	r := httptest.NewRequest(method, "https://keys.test"+path, nil)
+	r.RemoteAddr = remote
 	if token != "" {
 		r.Header.Set("Authorization", "Bearer "+token)
 	}
@@ -168,7 +175,7 @@ func (x *harness) assertAuditClean(keys [][]byte) {
 }
 
 func TestAuthFailures(t *testing.T) {
-	x := newHarness(t, WithHostLimit(Limit{}))
+	x := newHarness(t, WithHostLimit(Limit{}), WithSourceFailLimit(Limit{}))
 	other, err := x.admin.AddHost(context.Background(), "db-2", nil)
 	if err != nil {
 		t.Fatal(err)
@@ -241,7 +248,7 @@ func TestAuthFailures(t *testing.T) {
 }
 
 func TestRequestErrors(t *testing.T) {
-	x := newHarness(t, WithHostLimit(Limit{}))
+	x := newHarness(t, WithHostLimit(Limit{}), WithSourceFailLimit(Limit{}))
 	for _, tc := range []struct {
 		method, path string
 		status       int
@@ -324,6 +331,12 @@ func TestRotation(t *testing.T) {
 
 func TestGlobalRateLimit(t *testing.T) {
 	x := newHarness(t, WithGlobalLimit(Limit{PerSecond: 0.5, Burst: 2}), WithHostLimit(Limit{}))
+	// Requests without the token spend nothing of the global bucket.
+	for range 5 {
+		if w := x.doFrom("198.51.100.7:1", "GET", "/v1/keys/db-1", ""); w.Code != 401 {
+			t.Fatalf("no token: %d", w.Code)
+		}
+	}
 	for i := range 2 {
 		if w := x.do("GET", "/v1/keys/db-1", x.token); w.Code != 200 {
 			t.Fatalf("request %d: %d", i, w.Code)
@@ -336,11 +349,12 @@ func TestGlobalRateLimit(t *testing.T) {
 	if ev := x.lastEvent(); ev.Outcome != OutcomeRateLimited {
 		t.Fatalf("audit %+v", ev)
 	}
-	// Unknown hosts spend the same bucket: no free store lookups.
-	if w := x.do("GET", "/v1/keys/other", x.token); w.Code != 429 {
+	// Unknown hosts are charged to their source, not to the global
+	// bucket: they still get their 404.
+	if w := x.do("GET", "/v1/keys/other", x.token); w.Code != 404 {
 		t.Fatalf("other host: %d", w.Code)
 	}
-	// Health checks don't.
+	// Health checks spend nothing either.
 	if w := x.do("GET", "/healthz", ""); w.Code != 200 {
 		t.Fatalf("healthz while limited: %d", w.Code)
 	}
@@ -358,13 +372,14 @@ func TestHostRateLimit(t *testing.T) {
 	if w := x.do("GET", "/v1/keys/db-1", x.token); w.Code != 200 {
 		t.Fatal(w.Code)
 	}
-	// Wrong tokens are limited too: guessing is no faster than fetching.
-	w := x.do("GET", "/v1/keys/db-1", "guess")
+	w := x.do("GET", "/v1/keys/db-1", x.token)
 	if w.Code != 429 || w.Header().Get("Retry-After") != "10" {
 		t.Fatalf("2nd request: %d Retry-After %q", w.Code, w.Header().Get("Retry-After"))
 	}
+	// A wrong token is not charged to the host's bucket (it is charged
+	// to its source): it gets its 401, and the host's bucket is intact.
 	if w := x.do("GET", "/v1/keys/db-2", "x"); w.Code != 401 {
-		t.Fatalf("other host is limited too: %d", w.Code)
+		t.Fatalf("wrong token: %d", w.Code)
 	}
 	x.clock.Add(10 * time.Second)
 	if w := x.do("GET", "/v1/keys/db-1", x.token); w.Code != 200 {
@@ -372,14 +387,129 @@ func TestHostRateLimit(t *testing.T) {
 	}
 }
 
+// countingStore counts lookups: refused requests must not reach the store.
+type countingStore struct {
+	store.Store
+	gets atomic.Int64
+}
+
+func (c *countingStore) Get(ctx context.Context, id string) (store.Host, error) {
+	c.gets.Add(1)
+	return c.Store.Get(ctx, id)
+}
+
+// TestNoOneWithoutTheTokenLocksAHostOut is the lock-out of issue 12: a
+// client without the token asking for a host's URL as fast as it likes,
+// with no token and with wrong ones, from one address and from many,
+// must not keep the host (default limits) from its key.
+func TestNoOneWithoutTheTokenLocksAHostOut(t *testing.T) {
+	x := newHarness(t)
+	for round := range 20 {
+		for i := range 50 {
+			attacker := fmt.Sprintf("203.0.113.%d:4000", i%3)
+			if i%2 == 0 {
+				x.doFrom(attacker, "GET", "/v1/keys/db-1", "")
+			} else {
+				x.doFrom(attacker, "GET", "/v1/keys/db-1", "wrong-token")
+			}
+		}
+		// Hosts fetch far less often than their bucket allows.
+		if round%5 == 0 {
+			if w := x.do("GET", "/v1/keys/db-1", x.token); w.Code != 200 {
+				t.Fatalf("round %d: the host got %d: %s", round, w.Code, w.Body)
+			}
+		}
+		x.clock.Add(time.Second)
+	}
+}
+
+// TestSourceFailLimit: a source that keeps failing is refused before any
+// store work; other sources are not affected, and it recovers.
+func TestSourceFailLimit(t *testing.T) {
+	x := newHarness(t, WithSourceFailLimit(Limit{PerSecond: 0.5, Burst: 3}), WithFailLimit(Limit{}))
+	cs := &countingStore{Store: x.store}
+	x.h.c.store = cs
+	const bad = "203.0.113.9:555"
+	for i := range 3 {
+		if w := x.doFrom(bad, "GET", "/v1/keys/db-1", "wrong"); w.Code != 401 {
+			t.Fatalf("failure %d: %d", i, w.Code)
+		}
+	}
+	before := cs.gets.Load()
+	w := x.doFrom(bad, "GET", "/v1/keys/db-1", "wrong")
+	if w.Code != 429 || w.Header().Get("Retry-After") != "2" {
+		t.Fatalf("4th failure: %d Retry-After %q", w.Code, w.Header().Get("Retry-After"))
+	}
+	// Even with the right token: the source is what is limited.
+	if w := x.doFrom(bad, "GET", "/v1/keys/db-1", x.token); w.Code != 429 {
+		t.Fatalf("limited source, right token: %d", w.Code)
+	}
+	if n := cs.gets.Load() - before; n != 0 {
+		t.Fatalf("%d store lookups for refused requests", n)
+	}
+	// The same /64 is the same source; another address is not.
+	x.doFrom("[2001:db8:1:2::1]:1", "GET", "/v1/keys/db-1", "")
+	x.doFrom("[2001:db8:1:2::2]:1", "GET", "/v1/keys/db-1", "")
+	x.doFrom("[2001:db8:1:2:ffff::3]:1", "GET", "/v1/keys/db-1", "")
+	if w := x.doFrom("[2001:db8:1:2::4]:1", "GET", "/v1/keys/db-1", x.token); w.Code != 429 {
+		t.Fatalf("same /64: %d", w.Code)
+	}
+	if w := x.doFrom("[2001:db8:1:3::1]:1", "GET", "/v1/keys/db-1", x.token); w.Code != 200 {
+		t.Fatalf("other /64: %d", w.Code)
+	}
+	if w := x.do("GET", "/v1/keys/db-1", x.token); w.Code != 200 {
+		t.Fatalf("other source: %d", w.Code)
+	}
+	x.clock.Add(2 * time.Second)
+	if w := x.doFrom(bad, "GET", "/v1/keys/db-1", x.token); w.Code != 200 {
+		t.Fatalf("after refill: %d", w.Code)
+	}
+}
+
+// TestFailBudgetSparesCleanSources: many failing sources spend the
+// global failure budget; then a source with failures is refused although
+// its own bucket has room, and a source without failures is served.
+func TestFailBudgetSparesCleanSources(t *testing.T) {
+	x := newHarness(t, WithSourceFailLimit(Limit{PerSecond: 0.1, Burst: 5}), WithFailLimit(Limit{PerSecond: 1, Burst: 4}))
+	for i := range 4 {
+		x.doFrom(fmt.Sprintf("203.0.113.%d:1", i), "GET", "/v1/keys/db-1", "")
+	}
+	w := x.doFrom("203.0.113.0:1", "GET", "/v1/keys/db-1", x.token)
+	if w.Code != 429 || w.Header().Get("Retry-After") != "1" {
+		t.Fatalf("failed source once the budget is spent: %d Retry-After %q", w.Code, w.Header().Get("Retry-After"))
+	}
+	if w := x.doFrom("198.51.100.1:1", "GET", "/v1/keys/db-1", x.token); w.Code != 200 {
+		t.Fatalf("clean source: %d", w.Code)
+	}
+	x.clock.Add(time.Second)
+	if w := x.doFrom("203.0.113.0:1", "GET", "/v1/keys/db-1", x.token); w.Code != 200 {
+		t.Fatalf("after refill: %d", w.Code)
+	}
+}
+
+func TestSourceOf(t *testing.T) {
+	for in, want := range map[string]string{
+		"192.0.2.1:443":              "192.0.2.1/32",
+		"[::ffff:192.0.2.1]:443":     "192.0.2.1/32",
+		"[2001:db8:1:2:3:4:5:6]:443": "2001:db8:1:2::/64",
+		"[fe80::1%eth0]:443":         "fe80::/64",
+		"2001:db8::1":                "2001:db8::/64",
+		"garbage":                    "invalid Prefix",
+	} {
+		if got := SourceOf(in).String(); got != want {
+			t.Errorf("SourceOf(%q) = %s, want %s", in, got, want)
+		}
+	}
+}
+
 func TestHostLimiterBounded(t *testing.T) {
-	hl := newHostLimiters(Limit{PerSecond: 1, Burst: 2})
+	hl := newKeyedLimiters[string](Limit{PerSecond: 1, Burst: 2})
 	now := time.Unix(0, 0)
-	for i := range 3 * hostLimiterSweep {
+	for i := range 3 * limiterSweep {
 		hl.take(fmt.Sprint("h", i), now)
 		now = now.Add(100 * time.Millisecond) // each bucket refills after 0.1s*10
 	}
-	if n := hl.len(); n > hostLimiterSweep+1 {
+	if n := hl.len(); n > limiterSweep+1 {
 		t.Fatalf("%d limiters kept", n)
 	}
 }

@@ -13,12 +13,13 @@ import (
 )
 
 // Limits of the HTTP server. Key requests are one small GET; anything
-// slower or bigger is a misbehaving or hostile client.
+// slower or bigger is a misbehaving or hostile client. ReadHeaderTimeout
+// also bounds the TLS handshake (net/http applies it there).
 const (
 	ReadHeaderTimeout = 5 * time.Second
 	ReadTimeout       = 10 * time.Second
 	WriteTimeout      = 10 * time.Second
-	IdleTimeout       = 60 * time.Second
+	IdleTimeout       = time.Second
 	MaxHeaderBytes    = 8 << 10
 )
 
@@ -40,6 +41,12 @@ func LimitListener(ln net.Listener, n int) net.Listener {
 // NewHTTPServer wraps h in an http.Server with the timeouts and header
 // limit above and TLS 1.2+ with cert. errLog receives connection-level
 // errors (handshake failures); nil means log.Default().
+//
+// It speaks HTTP/1.1 only, one request per connection. The boot client
+// speaks nothing else and makes one request per connection; HTTP/2 would
+// let one connection carry many requests, each holding a handler and its
+// buffers (the server's connection cap would bound nothing), and a
+// kept-alive idle connection holds a slot of that cap for no work.
 func NewHTTPServer(h http.Handler, cert tls.Certificate, errLog *log.Logger) *http.Server {
 	if errLog == nil {
 		errLog = log.Default()
@@ -55,8 +62,12 @@ func NewHTTPServer(h http.Handler, cert tls.Certificate, errLog *log.Logger) *ht
 		TLSConfig: &tls.Config{
 			MinVersion:   tls.VersionTLS12,
 			Certificates: []tls.Certificate{cert},
+			NextProtos:   []string{"http/1.1"},
 		},
+		// A non-nil empty map turns net/http's HTTP/2 off.
+		TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
 	}
+	srv.SetKeepAlivesEnabled(false) // "Connection: close" on every answer
 	if cw, ok := h.(connWatcher); ok {
 		srv.ConnContext, srv.ConnState = cw.ConnContext, cw.ConnState
 	}

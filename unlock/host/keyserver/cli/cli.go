@@ -32,6 +32,8 @@ const prog = "unlockrd-keyserver"
 const usage = `usage:
   unlockrd-keyserver serve --data DIR [--listen ADDR] [--san NAME]... [--cert F --key F]
                            [--rate N --burst N] [--host-rate N --host-burst N] [--max-conns N]
+                           [--source-fail-rate N --source-fail-burst N] [--fail-rate N --fail-burst N]
+                           [--source-max-conns N] [--source-conn-rate N --source-conn-burst N]
   unlockrd-keyserver init --data DIR                 create key material, print the pin
   unlockrd-keyserver pin --data DIR | --cert F       print the server's pin
   unlockrd-keyserver host add --data DIR [--key-file F|-] NAME   print the new token
@@ -229,6 +231,13 @@ func (e *env) serve(args []string) error {
 	burst := fs.Int("burst", keyserver.DefaultGlobalLimit.Burst, "burst of key requests, all hosts")
 	hostRate := fs.Float64("host-rate", keyserver.DefaultHostLimit.PerSecond, "key requests per second per host (0: no limit)")
 	hostBurst := fs.Int("host-burst", keyserver.DefaultHostLimit.Burst, "burst of key requests per host")
+	srcFailRate := fs.Float64("source-fail-rate", keyserver.DefaultSourceFailLimit.PerSecond, "failed key requests per second per source address (0: no limit)")
+	srcFailBurst := fs.Int("source-fail-burst", keyserver.DefaultSourceFailLimit.Burst, "burst of failed key requests per source address")
+	failRate := fs.Float64("fail-rate", keyserver.DefaultFailLimit.PerSecond, "failed key requests per second, all sources (0: no limit)")
+	failBurst := fs.Int("fail-burst", keyserver.DefaultFailLimit.Burst, "burst of failed key requests, all sources")
+	srcMaxConns := fs.Int("source-max-conns", keyserver.DefaultSourceLimits.MaxConns, "connections open at once per source address (0: no limit)")
+	srcConnRate := fs.Float64("source-conn-rate", keyserver.DefaultSourceLimits.Conns.PerSecond, "new connections per second per source address (0: no limit)")
+	srcConnBurst := fs.Int("source-conn-burst", keyserver.DefaultSourceLimits.Conns.Burst, "burst of new connections per source address")
 	grace := fs.Duration("grace", 10*time.Second, "how long requests in flight may finish on shutdown")
 	maxConns := fs.Int("max-conns", keyserver.DefaultMaxConns, "connections served at once; more wait in the listen queue (0: no limit)")
 	pos, err := cliflag.Parse(fs, args)
@@ -261,7 +270,7 @@ func (e *env) serve(args []string) error {
 
 	var cert tls.Certificate
 	if *certFile != "" {
-		if cert, err = tls.LoadX509KeyPair(*certFile, *keyFile); err != nil {
+		if cert, err = keyserver.LoadKeyPair(*certFile, *keyFile); err != nil {
 			return fmt.Errorf("serve: TLS certificate %s / key %s: %w", *certFile, *keyFile, err)
 		}
 	} else if cert, _, err = d.TLS(append(listenSANs(*listen), sans...), true); err != nil {
@@ -279,6 +288,8 @@ func (e *env) serve(args []string) error {
 		keyserver.WithAudit(keyserver.JSONAudit(e.stderr)),
 		keyserver.WithGlobalLimit(keyserver.Limit{PerSecond: *rateF, Burst: *burst}),
 		keyserver.WithHostLimit(keyserver.Limit{PerSecond: *hostRate, Burst: *hostBurst}),
+		keyserver.WithSourceFailLimit(keyserver.Limit{PerSecond: *srcFailRate, Burst: *srcFailBurst}),
+		keyserver.WithFailLimit(keyserver.Limit{PerSecond: *failRate, Burst: *failBurst}),
 	)
 	if err != nil {
 		return err
@@ -287,6 +298,12 @@ func (e *env) serve(args []string) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	// Per source first: a source over its limits is refused without
+	// taking one of the --max-conns slots.
+	ln = keyserver.SourceListener(ln, keyserver.SourceLimits{
+		MaxConns: *srcMaxConns,
+		Conns:    keyserver.Limit{PerSecond: *srcConnRate, Burst: *srcConnBurst},
+	}, logger)
 	ln = keyserver.LimitListener(ln, *maxConns)
 	srv := keyserver.NewHTTPServer(h, cert, log.New(e.stderr, prog+": http: ", log.LstdFlags))
 	// Printed only once we listen, so whoever starts us can connect as
