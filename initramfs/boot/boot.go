@@ -409,6 +409,7 @@ func (r *runner) fetch(ctx context.Context, id *identity, start time.Time) (*key
 		ks, err = r.st.Fetch(ctx, keys.Config{
 			URLs:           r.cfg.Key.URLs,
 			Pins:           r.cfg.Key.Pins,
+			CAs:            r.cfg.Key.CA.Certs(),
 			Host:           id.host,
 			Token:          id.token,
 			AttemptTimeout: r.cfg.Key.AttemptTimeout.D(),

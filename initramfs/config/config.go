@@ -37,8 +37,11 @@ type Config struct {
 
 // Key configures where and how the key is fetched (DESIGN §5).
 type Key struct {
-	URLs  []string    `yaml:"urls" json:"urls"`
-	Pins  []pin.Pin   `yaml:"pins" json:"pins"`
+	URLs []string  `yaml:"urls" json:"urls"`
+	Pins []pin.Pin `yaml:"pins" json:"pins"`
+	// CA holds CA certificates (PEM) trusted for a server whose own key
+	// matches no pin. Either pins or a CA is required.
+	CA    CACerts     `yaml:"ca" json:"ca,omitzero"`
 	Host  HostSource  `yaml:"host" json:"host"`
 	Token TokenSource `yaml:"token" json:"token,omitzero"`
 	// AttemptTimeout bounds one request to one server.
@@ -201,8 +204,8 @@ func (c *Config) Validate() error {
 			return fieldErr(fmt.Sprintf("key.urls[%d]", i), err.Error())
 		}
 	}
-	if len(c.Key.Pins) == 0 {
-		return fieldErr("key.pins", "at least one pin is required: the server is trusted only through a pin")
+	if len(c.Key.Pins) == 0 && c.Key.CA.IsZero() {
+		return fieldErr("key.pins", "at least one pin (or key.ca) is required: the server is trusted only through a pin or a CA certificate the image carries")
 	}
 	// Pins, key.host, key.token and network.ip were parsed when read;
 	// a value built in Go is checked the same way here.
