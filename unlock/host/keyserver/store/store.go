@@ -83,6 +83,20 @@ func EncodeNew(h Host) (Host, []byte, error) {
 		return Host{}, nil, errors.New("create host: empty id")
 	}
 	h.Version = 1
+	return encode(h)
+}
+
+// EncodeUpdate is ApplyUpdate followed by the encoding the stores keep:
+// the step every persistent Store's Update shares.
+func EncodeUpdate(cur Host, fn func(h *Host) error) (Host, []byte, error) {
+	h, err := ApplyUpdate(cur, fn)
+	if err != nil {
+		return Host{}, nil, err
+	}
+	return encode(h)
+}
+
+func encode(h Host) (Host, []byte, error) {
 	val, err := json.Marshal(h)
 	if err != nil {
 		return Host{}, nil, fmt.Errorf("host %q: encode: %w", h.ID, err)

@@ -302,13 +302,9 @@ func (s *Store) Update(ctx context.Context, id string, fn func(h *store.Host) er
 		if err != nil {
 			return err
 		}
-		h, err := store.ApplyUpdate(cur, fn)
+		h, val, err := store.EncodeUpdate(cur, fn)
 		if err != nil {
 			return err
-		}
-		val, err := json.Marshal(h)
-		if err != nil {
-			return fmt.Errorf("host %q: encode: %w", id, err)
 		}
 		out = h
 		return b.Put([]byte(id), val)

@@ -408,13 +408,9 @@ func (s *Store) Update(ctx context.Context, id string, fn func(h *store.Host) er
 		if err != nil {
 			return err
 		}
-		h, err := store.ApplyUpdate(cur, fn)
+		h, val, err := store.EncodeUpdate(cur, fn)
 		if err != nil {
 			return err
-		}
-		val, err := json.Marshal(h)
-		if err != nil {
-			return fmt.Errorf("host %q: encode: %w", id, err)
 		}
 		tr, err := s.cli.Txn(ctx).
 			If(clientv3.Compare(clientv3.ModRevision(key), "=", kv.ModRevision)).
