@@ -222,7 +222,7 @@ func TestNetworkIPv6Only(t *testing.T) {
 	opts.Network = harness.NIC{Tap: tap, MAC: "52:54:00:90:00:02"}
 	vm := harness.StartVM(t, opts)
 
-	vm.ExpectLine(`^unlockrd: network: eth0: auto6 fd00:90::5054:ff:fe90:2/64 gw fe80::[0-9a-f:]+, dns fd00:90::53; configured first, keeping it \(ip=auto6\)`, stageTimeout)
+	vm.ExpectLine(`^unlockrd: network: eth0: auto6 fd00:90::5054:ff:fe90:2/64 \(unique-local\) gw fe80::[0-9a-f:]+, dns fd00:90::53; configured first, keeping it \(ip=auto6\)`, stageTimeout)
 	vm.ExpectLine(`^unlockrd: network: eth0 fd00:90::5054:ff:fe90:2/64 via auto6 \([0-9.]+s\)$`, stageTimeout)
 	vm.ExpectLine(`^unlockrd: key: 1 key\(s\) for host `+regexp.QuoteMeta(s.uuid)+` from \[fd00:90::1\]:8443 `, stageTimeout)
 	rep := vm.ExpectReport(bootTimeout)
