@@ -156,7 +156,7 @@ func TestValidationRefusals(t *testing.T) {
 			ks["area"].(map[string]any)["encryption"] = "cipher_null"
 		}, nil, "area cipher"},
 		{"cipher_null in capitals", func(m map[string]any) { seg0(m)["encryption"] = "CIPHER_NULL-ecb" }, nil, "not on the allow-list"},
-		{"segment over the metadata", func(m map[string]any) { seg0(m)["offset"] = "4096" }, nil, "overlaps the metadata"},
+		{"segment over the metadata", func(m map[string]any) { seg0(m)["offset"] = "4096" }, nil, "reach into the data segment"},
 		{"segment wants dm-integrity", func(m map[string]any) {
 			seg0(m)["integrity"] = map[string]any{"type": "hmac(sha256)", "journal_encryption": "none", "journal_integrity": "none"}
 		}, nil, "dm-integrity"},
@@ -183,17 +183,17 @@ func TestValidationRefusals(t *testing.T) {
 		{"unknown KDF", func(m map[string]any) {
 			ks := m["keyslots"].(map[string]any)["0"].(map[string]any)
 			ks["kdf"].(map[string]any)["type"] = "scrypt"
-		}, nil, `KDF "scrypt"`},
+		}, nil, `kdf type scrypt`},
 		{"digest unlinked from every keyslot", func(m map[string]any) {
 			m["digests"].(map[string]any)["0"].(map[string]any)["keyslots"] = []any{}
-		}, nil, "no usable keyslot"},
+		}, nil, "keyslot 0 has no digest"},
 		{"digest not covering the segment", func(m map[string]any) {
 			m["digests"].(map[string]any)["0"].(map[string]any)["segments"] = []any{"7"}
-		}, nil, "does not cover segment 0"},
+		}, nil, `names "7", which does not exist`},
 		{"all keyslots priority ignore", func(m map[string]any) {
 			m["keyslots"].(map[string]any)["0"].(map[string]any)["priority"] = 0
 		}, nil, "no usable keyslot"},
-		{"number where a string is due", func(m map[string]any) { seg0(m)["offset"] = 16777216 }, nil, "JSON metadata"},
+		{"number where a string is due", func(m map[string]any) { seg0(m)["offset"] = 16777216 }, nil, "offset is missing or not a string"},
 		{"uuid mismatch", nil, func(p *Policy) { p.UUID = "99999999-2222-3333-4444-555555555555" }, "UUID is " + testUUID},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
