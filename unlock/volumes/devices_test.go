@@ -248,6 +248,14 @@ func TestRandomSwapOnlyOnBlankPartitions(t *testing.T) {
 		{name: "swap", label: "swap", uuid: "B0000000-0000-4000-8000-000000000006", make: func(t *testing.T, p string) { run(t, "mkswap", "-q", p) }},
 		{name: "raid", label: "raid", uuid: "B0000000-0000-4000-8000-000000000007", make: raidEnd},
 		{name: "lvm", label: "lvm", uuid: "B0000000-0000-4000-8000-000000000008", make: lvm},
+		// Passed as blank before unlock/blank (issue 14).
+		{name: "minix", label: "minix", uuid: "B0000000-0000-4000-8000-000000000009", make: func(t *testing.T, p string) { run(t, "mkfs.minix", p) }},
+		{name: "secondary256k", label: "secondary256k", uuid: "B0000000-0000-4000-8000-00000000000a", make: func(t *testing.T, p string) {
+			run(t, "sh", "-c", "printf k | cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --luks2-metadata-size 256k --key-file - "+p)
+			f, _ := os.OpenFile(p, os.O_RDWR, 0)
+			f.WriteAt(make([]byte, 256<<10), 0) // primary wiped, secondary at 256 KiB
+			f.Close()
+		}},
 	}
 	fs := newFakeSystem(t, parts)
 	find := func(ref string) BlockDev {
@@ -268,7 +276,7 @@ func TestRandomSwapOnlyOnBlankPartitions(t *testing.T) {
 			t.Errorf("%s accepted for random swap: %v", ref, err)
 		}
 	}
-	for _, name := range []string{"ext4", "luks2", "luks1", "secondary", "swap", "raid", "lvm"} {
+	for _, name := range []string{"ext4", "luks2", "luks1", "secondary", "swap", "raid", "lvm", "minix", "secondary256k"} {
 		d := find("PARTLABEL=" + name)
 		err := CheckRandomSwap("PARTLABEL="+name, d)
 		if !errors.Is(err, ErrNotBlank) || !strings.Contains(err.Error(), "holds") {
