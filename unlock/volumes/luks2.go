@@ -926,6 +926,9 @@ func checkStructure(js []byte, size int64) error {
 		if err := need(af, "af", []string{"type", "hash"}, []string{"stripes"}); err != nil {
 			return err
 		}
+		if af["type"] != "luks1" {
+			return bad("keyslot %s af type %q, LUKS2 knows only luks1", k, af["type"])
+		}
 		if err := need(area, "area", []string{"type", "encryption"}, []string{"key_size"}); err != nil {
 			return err
 		}

@@ -45,6 +45,9 @@ var allowed = []struct {
 	{regexp.MustCompile(`is not base64`), "salts and digests must be base64"},
 	{regexp.MustCompile(`is not a byte count`), "offsets and sizes below 2^63"},
 	{regexp.MustCompile(`kdf type`), "KDF pbkdf2, argon2i or argon2id (cryptsetup checks the type only when opening)"},
+	{regexp.MustCompile(`holds a \d+-byte key`), "volume keys of at most 512 bytes"},
+	{regexp.MustCompile(`"0\d+" is not a decimal integer`), "decimal strings without leading zeros (one spelling per value)"},
+	{regexp.MustCompile(`unsupported header checksum "SHA256"`), "the header checksum spelled sha256, as cryptsetup writes it"},
 	{regexp.MustCompile(`is not a 32-bit integer`), "JSON integers within 32 bits (json-c saturates larger ones)"},
 }
 
