@@ -12,7 +12,7 @@ LUKSDIFF_SEED=${LUKSDIFF_SEED:-$(date +%s)}
 summary=()
 while IFS=: read -r file _ decl; do
 	name=$(sed -E 's/^func (Fuzz[A-Za-z0-9_]*).*/\1/' <<<"$decl")
-	pkg=./$(dirname "$file")
+	pkg=$(dirname "$file")
 	echo "== $pkg $name ($FUZZTIME)"
 	log=$(mktemp)
 	if ! $GO test -run '^$' -fuzz "^${name}\$" -fuzztime "$FUZZTIME" "$pkg" 2>&1 | tee "$log"; then
