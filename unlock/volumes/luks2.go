@@ -208,6 +208,7 @@ func ReadHeader(r io.ReaderAt) (*Header, error) {
 	if sealed > 0 {
 		offs = []int64{sealed}
 	}
+	var serr error // why the secondary was not used, when it was there
 	for _, off := range offs {
 		h, _, err := readHeaderAt(r, off)
 		if err == nil && h.Size == off {
@@ -215,9 +216,21 @@ func ReadHeader(r io.ReaderAt) (*Header, error) {
 			h.PrimaryErr = perr
 			return h, nil
 		}
+		if err == nil {
+			err = fmt.Errorf("%w: secondary header at %d has size %d", ErrRefused, off, h.Size)
+		}
+		if serr == nil && !errors.Is(err, errNoMagic) {
+			serr = err
+		}
+	}
+	if serr != nil {
+		return nil, fmt.Errorf("%w; secondary copy: %v", perr, serr)
 	}
 	return nil, fmt.Errorf("%w (no intact secondary copy either)", perr)
 }
+
+// errNoMagic marks a copy that is not there at all.
+var errNoMagic = errors.New("no LUKS magic")
 
 // errVersion marks a LUKS magic with a version other than 2.
 var errVersion = errors.New("not LUKS version 2")
@@ -234,7 +247,7 @@ func readHeaderAt(r io.ReaderAt, off int64) (h *Header, sealed int64, err error)
 		wantMagic = luksMagic2
 	}
 	if !bytes.Equal(bin[:6], wantMagic) {
-		return nil, 0, fmt.Errorf("%w: no LUKS magic at offset %d", ErrRefused, off)
+		return nil, 0, fmt.Errorf("%w: %w at offset %d", ErrRefused, errNoMagic, off)
 	}
 	ver := int(binary.BigEndian.Uint16(bin[6:8]))
 	if ver != 2 {
@@ -923,6 +936,9 @@ func checkStructure(js []byte, size int64) error {
 		if err != nil {
 			return err
 		}
+		if kdf["salt"] == "" {
+			return bad("keyslot %s kdf salt is empty", k)
+		}
 		if err := need(af, "af", []string{"type", "hash"}, []string{"stripes"}); err != nil {
 			return err
 		}
@@ -939,6 +955,9 @@ func checkStructure(js []byte, size int64) error {
 		sz, err := u64str("keyslot "+k+" area size", area["size"])
 		if err != nil {
 			return err
+		}
+		if sz == 0 {
+			return bad("keyslot %s area size is 0", k)
 		}
 		if off < metaEnd || sz > ksSize || off-metaEnd > ksSize-sz {
 			return bad("keyslot %s area %d+%d is outside the keyslots area %d+%d", k, off, sz, metaEnd, ksSize)
