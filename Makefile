@@ -7,7 +7,7 @@ export CGO_ENABLED := 0
 INIT_FLAGS := -trimpath -ldflags='-s -w -buildid='
 HOST_FLAGS := -trimpath
 
-.PHONY: all build deps kernel demo test test-unit test-qemu bench clean
+.PHONY: all build deps kernel demo test test-unit test-qemu bench fuzz clean
 
 all: build
 
@@ -28,6 +28,12 @@ demo: kernel build
 test: kernel build
 	$(GO) vet ./...
 	$(GO) test -count=1 -timeout 40m ./...
+
+# Every Go fuzz target for FUZZTIME each (default 5m), then the long
+# LUKS2 differential against cryptsetup (LUKSDIFF_N cases, LUKSDIFF_SEED).
+FUZZTIME ?= 5m
+fuzz: deps
+	FUZZTIME=$(FUZZTIME) GO=$(GO) qemu-tests/setup/fuzz.sh
 
 bench: kernel build
 	$(GO) run ./qemu-tests/bench $(BENCH_FLAGS)

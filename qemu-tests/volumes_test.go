@@ -267,17 +267,52 @@ volumes:
 		t.Errorf("/proc/swaps = %q, want the random-key dm swap", rep.Swaps)
 	}
 	tbl, _ := rep.DMTable("swap")
-	if !regexp.MustCompile(`^0 32768 crypt aes-xts-plain64 <key> 0 [0-9]+:3 0 3 no_read_workqueue no_write_workqueue sector_size:4096$`).MatchString(tbl) {
-		t.Errorf("swap table = %q, want plain aes-xts over all of vda3", tbl)
+	// The first and last MiB stay out of the mapping (and zero), so the
+	// partition is still blank by unlock/blank on the next boot.
+	if !regexp.MustCompile(`^0 28672 crypt aes-xts-plain64 <key> 0 [0-9]+:3 2048 3 no_read_workqueue no_write_workqueue sector_size:4096$`).MatchString(tbl) {
+		t.Errorf("swap table = %q, want plain aes-xts over vda3 without its first and last MiB", tbl)
 	}
 	vm.Wait(bootTimeout)
 	raw, err := s.disk.ReadPartition("swap")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if bytes.Contains(raw[:4096], []byte("SWAPSPACE2")) || bytes.Equal(raw[:4096], make([]byte, 4096)) {
-		t.Errorf("swap partition start is plaintext or untouched: the signature must be there only encrypted")
+	if m := raw[1<<20 : 1<<20+4096]; bytes.Contains(m, []byte("SWAPSPACE2")) || bytes.Equal(m, make([]byte, 4096)) {
+		t.Errorf("swap mapping start is plaintext or untouched: the signature must be there only encrypted")
 	}
+	if !bytes.Equal(raw[:1<<20], make([]byte, 1<<20)) || !bytes.Equal(raw[len(raw)-1<<20:], make([]byte, 1<<20)) {
+		t.Errorf("the swap partition's first or last MiB was written")
+	}
+}
+
+// TestVolumesUnboundKeyslot: the data volume has, besides its key, an
+// unbound keyslot (`luksAddKey --unbound`, priority prefer). The header is
+// accepted, the unbound slot is never tried, and data opens and is handed
+// over (issue 14: the whole header used to be refused).
+func TestVolumesUnboundKeyslot(t *testing.T) {
+	ctx := t.Context()
+	s := newVolSetup(t, ctx, func(key, hello []byte) harness.Disk {
+		return harness.Disk{Partitions: []harness.Partition{
+			{Name: "root", Size: 32 << 20, FS: harness.TestRoot("root", harness.TestInitConfig{Files: []string{harness.HelloPath}}, harness.DataMountPoint)},
+			{Name: "data", Size: 24 << 20, LUKS: &harness.LUKS{Keys: [][]byte{key}, Label: "data", UnboundSlot: true},
+				FS: &harness.Ext4{Label: "data", Files: []harness.File{{Path: harness.HelloFile, Data: hello}}}},
+		}}
+	})
+	s.start(t, ctx)
+	img := s.image(t, ctx, fmt.Sprintf(`root:
+  device: PARTLABEL=root
+volumes:
+  - name: data
+    device: PARTLABEL=data
+    mount: %s
+`, harness.DataMountPoint))
+	vm := s.vm(t, img, []harness.Drive{{Path: s.disk.Path}})
+	vm.ExpectLine(`^unlockrd: volumes: volume data: /dev/vda2 opened with key 1 of 1, keyslot 0 -> /dev/mapper/data`, stageTimeout)
+	rep := vm.ExpectReport(bootTimeout)
+	if f := rep.Files[harness.HelloPath]; f.SHA256 != fmt.Sprintf("%x", sha256.Sum256(s.hello)) {
+		t.Errorf("hello file = %+v: data with an unbound keyslot was not handed over", f)
+	}
+	vm.Wait(bootTimeout)
 }
 
 // TestVolumesTamperedHeaderAndMissingDisk: the data header is rewritten

@@ -38,6 +38,10 @@ type LUKS struct {
 	// (16 keyslots). cryptsetup's own default is 16 MiB, which would leave
 	// little of a small test partition.
 	HeaderSize int64
+	// UnboundSlot adds, after Keys, a keyslot made by `luksAddKey
+	// --unbound` (a random passphrase and key that open no segment), with
+	// priority "prefer" so that a boot would try it first if it tried it.
+	UnboundSlot bool
 }
 
 // BuiltLUKS describes a LUKS2 volume as built. It holds key material: it
@@ -138,6 +142,25 @@ func buildLUKS(ctx context.Context, work string, p Partition, bp *BuiltPartition
 			return nil, err
 		}
 		bl.Keys[i] = l.Keys[i]
+	}
+	if l.UnboundSlot {
+		slot := strconv.Itoa(len(l.Keys))
+		pass := make([]byte, 32)
+		if _, err := rand.Read(pass); err != nil {
+			return nil, err
+		}
+		pf := filepath.Join(secrets, "unbound")
+		if err := os.WriteFile(pf, pass, 0o600); err != nil {
+			return nil, err
+		}
+		args := append([]string{"luksAddKey", "--batch-mode", "--unbound", "--key-size", "512", "--key-slot", slot,
+			"--key-file", keyFiles[0]}, pbkdfArgs...)
+		if err := run(ctx, "cryptsetup", append(args, file, pf)...); err != nil {
+			return nil, err
+		}
+		if err := run(ctx, "cryptsetup", "config", "--priority", "prefer", "--key-slot", slot, file); err != nil {
+			return nil, err
+		}
 	}
 
 	seg, err := readLUKS2Segment(file)

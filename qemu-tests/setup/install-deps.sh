@@ -2,7 +2,11 @@
 # Installs the Debian packages the demo, tests and benchmarks need.
 # Idempotent: does nothing when everything is already there.
 set -euo pipefail
-pkgs=(debian-archive-keyring qemu-system-x86 qemu-utils cryptsetup-bin e2fsprogs fdisk dnsmasq-base ipxe-qemu kmod zstd xz-utils iproute2 ca-certificates etcd-server etcd-client)
+pkgs=(debian-archive-keyring qemu-system-x86 qemu-utils cryptsetup-bin e2fsprogs fdisk dnsmasq-base ipxe-qemu kmod zstd xz-utils iproute2 ca-certificates etcd-server etcd-client
+	# unlock/blank's tests make every format these can make on a file
+	# (hfsprogs is not in Debian 12: hfs/hfs+ are not tested with real images).
+	util-linux util-linux-extra xfsprogs btrfs-progs dosfstools exfatprogs ntfs-3g f2fs-tools jfsutils
+	reiserfsprogs nilfs-tools erofs-utils squashfs-tools)
 [ "$#" -gt 0 ] && pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do

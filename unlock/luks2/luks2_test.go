@@ -85,7 +85,7 @@ func TestValidationRefusals(t *testing.T) {
 			ks["area"].(map[string]any)["encryption"] = "cipher_null"
 		}, nil, "area cipher"},
 		{"cipher_null in capitals", func(m map[string]any) { seg0(m)["encryption"] = "CIPHER_NULL-ecb" }, nil, "not on the allow-list"},
-		{"segment over the metadata", func(m map[string]any) { seg0(m)["offset"] = "4096" }, nil, "overlaps the metadata"},
+		{"segment over the metadata", func(m map[string]any) { seg0(m)["offset"] = "4096" }, nil, "reach into the data segment"},
 		{"segment wants dm-integrity", func(m map[string]any) {
 			seg0(m)["integrity"] = map[string]any{"type": "hmac(sha256)", "journal_encryption": "none", "journal_integrity": "none"}
 		}, nil, "dm-integrity"},
@@ -112,18 +112,52 @@ func TestValidationRefusals(t *testing.T) {
 		{"unknown KDF", func(m map[string]any) {
 			ks := m["keyslots"].(map[string]any)["0"].(map[string]any)
 			ks["kdf"].(map[string]any)["type"] = "scrypt"
-		}, nil, `KDF "scrypt"`},
+		}, nil, `kdf type scrypt`},
 		{"digest unlinked from every keyslot", func(m map[string]any) {
 			m["digests"].(map[string]any)["0"].(map[string]any)["keyslots"] = []any{}
-		}, nil, "no usable keyslot"},
+		}, nil, "keyslot 0 has no digest"},
 		{"digest not covering the segment", func(m map[string]any) {
 			m["digests"].(map[string]any)["0"].(map[string]any)["segments"] = []any{"7"}
-		}, nil, "does not cover segment 0"},
+		}, nil, `names "7", which does not exist`},
 		{"all keyslots priority ignore", func(m map[string]any) {
 			m["keyslots"].(map[string]any)["0"].(map[string]any)["priority"] = 0
 		}, nil, "no usable keyslot"},
-		{"number where a string is due", func(m map[string]any) { seg0(m)["offset"] = 16777216 }, nil, "JSON metadata"},
+		{"number where a string is due", func(m map[string]any) { seg0(m)["offset"] = 16777216 }, nil, "offset is missing or not a string"},
 		{"uuid mismatch", nil, func(p *Policy) { p.UUID = "99999999-2222-3333-4444-555555555555" }, "UUID is " + testUUID},
+		// Review findings (issue 14): each passed before.
+		{"pbkdf2 iterations 2^40", func(m map[string]any) { ks0(m)["kdf"].(map[string]any)["iterations"] = 1 << 40 }, nil, "kdf.iterations 1099511627776"},
+		{"pbkdf2 iterations 2^30", func(m map[string]any) { ks0(m)["kdf"].(map[string]any)["iterations"] = 1 << 30 }, nil, "iterations (at most"},
+		{"digest iterations 2^40", func(m map[string]any) { m["digests"].(map[string]any)["0"].(map[string]any)["iterations"] = 1 << 40 }, nil, "iterations (at most"},
+		{"argon2 time 2^20", func(m map[string]any) {
+			ks0(m)["kdf"] = map[string]any{"type": "argon2id", "time": 1 << 20, "memory": 1 << 20, "cpus": 1, "salt": "c2FsdHNhbHRzYWx0c2FsdA=="}
+		}, nil, "time × memory"},
+		{"keyslot id 1023", func(m map[string]any) {
+			k := m["keyslots"].(map[string]any)
+			k["1023"] = k["0"]
+			delete(k, "0")
+			m["digests"].(map[string]any)["0"].(map[string]any)["keyslots"] = []any{"1023"}
+		}, nil, `keyslot id "1023"`},
+		{"keyslot area size near 2^63", func(m map[string]any) {
+			ks0(m)["area"].(map[string]any)["size"] = "9223372036854743040"
+		}, nil, "outside the keyslots area"},
+		// Issue 14 classes that cryptsetup refuses.
+		{"keyslot without digest", func(m map[string]any) {
+			m["digests"].(map[string]any)["0"].(map[string]any)["keyslots"] = []any{}
+		}, nil, "has no digest"},
+		{"digest naming a missing keyslot", func(m map[string]any) {
+			m["digests"].(map[string]any)["0"].(map[string]any)["keyslots"] = []any{"0", "7"}
+		}, nil, `names "7", which does not exist`},
+		{"token naming a missing keyslot", func(m map[string]any) {
+			m["tokens"].(map[string]any)["0"] = map[string]any{"type": "x", "keyslots": []any{"3"}}
+		}, nil, `names "3", which does not exist`},
+		{"token of the wrong shape", func(m map[string]any) { m["tokens"].(map[string]any)["0"] = "x" }, nil, "token 0 is not an object"},
+		{"crypt segment without iv_tweak", func(m map[string]any) { delete(seg0(m), "iv_tweak") }, nil, "iv_tweak is missing"},
+		{"segment flags not strings", func(m map[string]any) { seg0(m)["flags"] = []any{1} }, nil, "flags holds a non-string"},
+		{"keyslots_size unaligned", func(m map[string]any) { m["config"].(map[string]any)["keyslots_size"] = "1048577" }, nil, "not a multiple of 4096"},
+		{"keyslots_size reaching data", func(m map[string]any) { m["config"].(map[string]any)["keyslots_size"] = "4194304" }, nil, "reach into the data segment"},
+		{"keyslots_size too small", func(m map[string]any) { m["config"].(map[string]any)["keyslots_size"] = "4096" }, nil, "outside the keyslots area"},
+		{"json_size mismatch", func(m map[string]any) { m["config"].(map[string]any)["json_size"] = "8192" }, nil, "json_size 8192"},
+		{"tokens section of the wrong type", func(m map[string]any) { m["tokens"] = []any{} }, nil, `"tokens" is missing or not an object`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			img := format(t, []byte("k1"))
@@ -147,6 +181,55 @@ func TestValidationRefusals(t *testing.T) {
 				t.Fatalf("err = %v, want a refusal containing %q", err, tc.want)
 			}
 		})
+	}
+}
+
+func ks0(m map[string]any) map[string]any {
+	return m["keyslots"].(map[string]any)["0"].(map[string]any)
+}
+
+// TestValidateNoOverflow: Offset+Size used to wrap negative and pass as
+// lying before the data segment.
+func TestValidateNoOverflow(t *testing.T) {
+	img := format(t, []byte("k1"))
+	h, err := readHeaderFile(t, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Keyslots[0].Area.Size = 1<<63 - 1
+	if err := DefaultPolicy().Validate(h); !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "outside the keyslots area") {
+		t.Fatalf("area of 2^63-1 bytes: err = %v", err)
+	}
+	seg := Segment{ID: 0, Offset: 1 << 62, Size: "9223372036854774784", SectorSize: 512}
+	if n, err := seg.SizeBytes(1 << 40); err == nil {
+		t.Fatalf("segment of %d bytes at 2^62 fits a 1 TiB device?", n)
+	}
+}
+
+// TestUnboundKeyslotIgnored: a volume with `luksAddKey --unbound` opens;
+// the unbound slot is never tried.
+func TestUnboundKeyslotIgnored(t *testing.T) {
+	img := format(t, []byte("k1"))
+	kf := filepath.Join(t.TempDir(), "k")
+	if err := os.WriteFile(kf, []byte("k1"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("cryptsetup", "luksAddKey", "--batch-mode", "--unbound", "--key-size", "512",
+		"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", "--key-file", kf, img, kf).CombinedOutput(); err != nil {
+		t.Fatalf("luksAddKey --unbound: %v\n%s", err, out)
+	}
+	h, err := readHeaderFile(t, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := DefaultPolicy().Validate(h); err != nil {
+		t.Fatalf("unbound keyslot refused the volume: %v", err)
+	}
+	if len(h.Keyslots) != 2 || !h.Keyslots[1].Unbound || h.Keyslots[0].Unbound {
+		t.Fatalf("keyslots = %+v, want slot 1 unbound", h.Keyslots)
+	}
+	if got := h.SlotOrder(); len(got) != 1 || got[0] != 0 {
+		t.Fatalf("SlotOrder = %v, want [0]", got)
 	}
 }
 

@@ -49,6 +49,14 @@ func TestRandomSwapOnlyOnBlankPartitions(t *testing.T) {
 		{Name: "swap", Label: "swap", UUID: "B0000000-0000-4000-8000-000000000006", Make: func(t *testing.T, p string) { blockdevtest.Run(t, "mkswap", "-q", p) }},
 		{Name: "raid", Label: "raid", UUID: "B0000000-0000-4000-8000-000000000007", Make: raidEnd},
 		{Name: "lvm", Label: "lvm", UUID: "B0000000-0000-4000-8000-000000000008", Make: lvm},
+		// Passed as blank before unlock/blank (issue 14).
+		{Name: "minix", Label: "minix", UUID: "B0000000-0000-4000-8000-000000000009", Make: func(t *testing.T, p string) { blockdevtest.Run(t, "mkfs.minix", p) }},
+		{Name: "secondary256k", Label: "secondary256k", UUID: "B0000000-0000-4000-8000-00000000000a", Make: func(t *testing.T, p string) {
+			blockdevtest.Run(t, "sh", "-c", "printf k | cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 --luks2-metadata-size 256k --key-file - "+p)
+			f, _ := os.OpenFile(p, os.O_RDWR, 0)
+			f.WriteAt(make([]byte, 256<<10), 0) // primary wiped, secondary at 256 KiB
+			f.Close()
+		}},
 	}
 	fs := blockdevtest.New(t, parts)
 	scanner := blockdev.Scanner{SysRoot: fs.Root, DevRoot: fs.Root}
@@ -70,7 +78,7 @@ func TestRandomSwapOnlyOnBlankPartitions(t *testing.T) {
 			t.Errorf("%s accepted for random swap: %v", ref, err)
 		}
 	}
-	for _, name := range []string{"ext4", "luks2", "luks1", "secondary", "swap", "raid", "lvm"} {
+	for _, name := range []string{"ext4", "luks2", "luks1", "secondary", "swap", "raid", "lvm", "minix", "secondary256k"} {
 		d := find("PARTLABEL=" + name)
 		err := CheckRandomSwap("PARTLABEL="+name, d)
 		if !errors.Is(err, ErrNotBlank) || !strings.Contains(err.Error(), "holds") {

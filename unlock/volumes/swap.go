@@ -10,6 +10,7 @@ import (
 	"unsafe"
 
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
+	"github.com/unlockrd/unlockrd/unlock/blank"
 	"github.com/unlockrd/unlockrd/unlock/blockdev"
 	"github.com/unlockrd/unlockrd/unlock/dm"
 	"github.com/unlockrd/unlockrd/unlock/secret"
@@ -120,6 +121,32 @@ func CheckRandomSwap(ref string, dev blockdev.BlockDev) error {
 	if dev.Content.Kind != blockdev.Blank {
 		return fmt.Errorf("%w: %s holds %s", ErrNotBlank, dev.Path, dev.Content)
 	}
+	return checkBlank(dev.Path)
+}
+
+// checkBlank asks unlock/blank, which wants positive evidence that
+// nothing is there (the probe only recognises what it knows).
+func checkBlank(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrNotBlank, path, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrNotBlank, path, err)
+	}
+	size := fi.Size()
+	if !fi.Mode().IsRegular() {
+		n, err := blockSize(f)
+		if err != nil {
+			return fmt.Errorf("%w: %s: size: %v", ErrNotBlank, path, err)
+		}
+		size = int64(n)
+	}
+	if err := blank.Check(f, size); err != nil {
+		return fmt.Errorf("%w: %s holds something: %w", ErrNotBlank, path, err)
+	}
 	return nil
 }
 
@@ -130,6 +157,9 @@ func randomSwap(p Prepared, opt Options) (Opened, error) {
 	// Look again right before writing: Prepare ran a while ago.
 	if c, _, _ := blockdev.Probe(p.Dev.Path); c.Kind != blockdev.Blank {
 		return Opened{}, fmt.Errorf("volume %s on %s: %w: it now holds %s; not touching it", name, p.Dev.Path, ErrNotBlank, c)
+	}
+	if err := checkBlank(p.Dev.Path); err != nil {
+		return Opened{}, fmt.Errorf("volume %s on %s: %w; not touching it", name, p.Dev.Path, err)
 	}
 	f, err := os.Open(p.Dev.Path)
 	if err != nil {
@@ -150,12 +180,15 @@ func randomSwap(p Prepared, opt Options) (Opened, error) {
 		return Opened{}, fmt.Errorf("volume %s: random key: %w", name, err)
 	}
 	t := dm.CryptTable{
-		Name:       name,
-		UUID:       "CRYPT-PLAIN-" + name,
-		Cipher:     "aes-xts-plain64",
-		Key:        key,
-		Device:     p.Dev.Path,
-		Length:     int64(size) / ss * ss,
+		Name:   name,
+		UUID:   "CRYPT-PLAIN-" + name,
+		Cipher: "aes-xts-plain64",
+		Key:    key,
+		Device: p.Dev.Path,
+		// The first and last MiB stay out of the mapping, so they stay
+		// zero and the device is still blank by unlock/blank next boot.
+		Offset:     blank.Reserved,
+		Length:     (int64(size) - 2*blank.Reserved) / ss * ss,
 		SectorSize: int(ss),
 		Flags:      p.Spec.flags(opt.KernelRelease),
 	}

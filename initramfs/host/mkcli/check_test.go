@@ -157,7 +157,7 @@ func TestCheckRefused(t *testing.T) {
 		want []string
 	}{
 		{cbc, 1, []string{"refused, the boot would try no key on it", `segment 0 cipher "aes-cbc-plain64" is not on the allow-list`}},
-		{both, 1, []string{"refused", "checksum", "no intact secondary copy either"}},
+		{both, 1, []string{"refused", "checksum", "checksum mismatch at offset 0; secondary copy: ", "checksum mismatch at offset 16384"}},
 		{blank, 1, []string{"refused", "no LUKS magic"}},
 		{filepath.Join(dir, "missing.img"), 1, []string{"refused", "no such file"}},
 		{primary, 0, []string{"accepted", "primary copy damaged", "the boot uses the intact secondary copy"}},
