@@ -234,6 +234,16 @@ func (k *KeyServer) Stop() {
 	}
 }
 
+// Kill ends the server with SIGKILL, as a crash or a lost machine would
+// (no graceful shutdown), and waits for it to exit.
+func (k *KeyServer) Kill() {
+	if k == nil || k.cmd == nil || k.cmd.Process == nil {
+		return
+	}
+	_ = k.cmd.Process.Kill()
+	<-k.done
+}
+
 // GuestURL is the key URL template as the guest on user networking sees
 // this server.
 func (k *KeyServer) GuestURL() string {
