@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -412,6 +413,16 @@ func BuildImage(ctx context.Context, b *Bins, cfg ImageConfig, dir string, extra
 		return "", errors.New("harness: mkunlockrd wrote no image")
 	}
 	return img, nil
+}
+
+// RandomUUID is a random (version 4) UUID, e.g. a VM's SMBIOS UUID and
+// so its host id.
+func RandomUUID() string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b) // crypto/rand.Read does not fail (Go 1.24+)
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }
 
 // TokenCredential is the -smbios argument that hands the token over as a
