@@ -33,7 +33,7 @@ func benchStorm(ctx context.Context, r *report) error {
 	defer logf.Close()
 	ctx, cancel := context.WithTimeout(ctx, 40*time.Minute)
 	defer cancel()
-	res, err := storm.Run(ctx, storm.Config{Dir: dir, VMs: vms, Synthetic: synthetic, Log: logf})
+	res, err := storm.Run(ctx, storm.Config{Dir: dir, VMs: vms, Synthetic: synthetic, Log: logf, ServerLog: logf})
 	if err != nil {
 		return fmt.Errorf("storm (log %s): %w", logPath, err)
 	}

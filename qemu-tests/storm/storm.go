@@ -68,9 +68,10 @@ type Config struct {
 	// each synthetic host's fetch; default 15 minutes (4 TCG guests on 2
 	// shared cores are slow).
 	BootTimeout time.Duration
-	// Log receives console lines, server output and progress; nil
-	// discards them.
-	Log io.Writer
+	// Log receives console lines and progress, ServerLog the replicas'
+	// output (an audit line per request: hundreds of thousands under
+	// attack); nil discards them.
+	Log, ServerLog io.Writer
 }
 
 // MaxPeakRSS bounds each surviving replica's peak resident memory, as the
@@ -84,8 +85,11 @@ type VMResult struct {
 	// key stage's own duration, as the line gives it.
 	KeyAt, KeyStage time.Duration
 	Server          string // the replica that answered, as the guest saw it
-	SwitchRootAt    time.Duration
-	Err             error // nil: booted to the real init with data unlocked
+	// FailedOver: the console shows a failed attempt at the killed
+	// replica before the key came from another.
+	FailedOver   bool
+	SwitchRootAt time.Duration
+	Err          error // nil: booted to the real init with data unlocked
 }
 
 // Result is what a storm did.
@@ -208,7 +212,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 
 	replicas := make([]*harness.KeyServer, cfg.Replicas)
 	for i := range replicas {
-		ks, err := harness.StartKeyServer(ctx, bins.KeyServer, dataDirs[i], "", prefixed(log, fmt.Sprintf("replica-%d ", i)), etcdFlags...)
+		var slog io.Writer
+		if cfg.ServerLog != nil {
+			slog = prefixed(cfg.ServerLog, fmt.Sprintf("replica-%d ", i))
+		}
+		ks, err := harness.StartKeyServer(ctx, bins.KeyServer, dataDirs[i], "", slog, etcdFlags...)
 		if err != nil {
 			return nil, err
 		}
@@ -233,6 +241,10 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		guestURLs = append(guestURLs, ks.GuestURL())
 	}
 	img, err := harness.BuildImage(ctx, bins, harness.ImageConfig{URLs: guestURLs, Pins: []string{replicas[0].Pin}}, mkdir(cfg.Dir, "image"))
+	if err != nil {
+		return nil, err
+	}
+	deadGuest, err := harness.GuestAddr(replicas[0].Addr)
 	if err != nil {
 		return nil, err
 	}
@@ -283,7 +295,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		vmWG.Add(1)
 		go func() {
 			defer vmWG.Done()
-			res.VMs[i] = bootVM(vm, name, h, fixtures[i], cfg.BootTimeout, func() { startedOnce.Do(func() { close(initStarted) }) }, &vmKeys)
+			res.VMs[i] = bootVM(vm, name, h, deadGuest, fixtures[i], cfg.BootTimeout, func() { startedOnce.Do(func() { close(initStarted) }) }, &vmKeys)
 			startedOnce.Do(func() { close(initStarted) }) // a VM that failed early must not hold the kills up
 		}()
 	}
@@ -379,7 +391,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 // bootVM follows one VM's console: the init's first line (started), the
 // key line, switch root, and the real init's report, whose data file
 // must be the one on the VM's own disk.
-func bootVM(vm *harness.VM, name string, h host, fx *harness.Fixture, timeout time.Duration, started func(), keysGot *atomic.Int64) VMResult {
+func bootVM(vm *harness.VM, name string, h host, deadGuestAddr string, fx *harness.Fixture, timeout time.Duration, started func(), keysGot *atomic.Int64) VMResult {
 	r := VMResult{Name: name, Host: h.name}
 	fail := func(err error) VMResult {
 		r.Err = err
@@ -389,17 +401,21 @@ func bootVM(vm *harness.VM, name string, h host, fx *harness.Fixture, timeout ti
 		return fail(err)
 	}
 	started()
-	l, err := vm.ExpectLineAt(`^unlockrd: key: `, timeout)
+	// The key stage's line (not the lines of failed attempts before it).
+	l, err := vm.ExpectLineAt(`^unlockrd: key: [0-9]+ key\(s\) for host `, timeout)
 	if err != nil {
 		return fail(err)
 	}
 	keysGot.Add(1)
-	m := regexp.MustCompile(`^unlockrd: key: .* from (\S+) \(([0-9.]+)s\)$`).FindStringSubmatch(l.Text)
-	if m == nil || !strings.Contains(l.Text, "for host "+h.name) {
-		return fail(fmt.Errorf("%s: key line %q does not name the host and a duration", name, l.Text))
+	m := regexp.MustCompile(`^unlockrd: key: .* for host (\S+) from (\S+) \(([0-9.]+)s\)$`).FindStringSubmatch(l.Text)
+	if m == nil || m[1] != h.name {
+		return fail(fmt.Errorf("%s: key line %q does not name host %s and a duration", name, l.Text, h.name))
 	}
-	secs, _ := strconv.ParseFloat(m[2], 64)
-	r.KeyAt, r.KeyStage, r.Server = l.At, time.Duration(secs*float64(time.Second)), m[1]
+	secs, _ := strconv.ParseFloat(m[3], 64)
+	r.KeyAt, r.KeyStage, r.Server = l.At, time.Duration(secs*float64(time.Second)), m[2]
+	// The killed replica is first in the image's URLs: the client must
+	// have tried it and moved on.
+	_, r.FailedOver = vm.Find(`^unlockrd: key: ` + regexp.QuoteMeta(deadGuestAddr) + `: .*(refused|trying|retrying)`)
 	l, err = vm.ExpectLineAt(`^unlockrd: switch root: exec /sbin/init`, timeout)
 	if err != nil {
 		return fail(err)
@@ -558,6 +574,8 @@ func (r *Result) Problems() []string {
 	for _, v := range r.VMs {
 		if v.Err != nil {
 			p = append(p, fmt.Sprintf("VM %s (host %s) did not boot: %v", v.Name, v.Host, v.Err))
+		} else if !v.FailedOver {
+			p = append(p, fmt.Sprintf("VM %s shows no failed attempt at the killed replica", v.Name))
 		}
 	}
 	if r.SyntheticOK != r.Cfg.Synthetic {
@@ -604,8 +622,8 @@ func (r *Result) Report() []string {
 	for _, v := range r.VMs {
 		if v.Err == nil {
 			keyAt, stage = append(keyAt, v.KeyAt), append(stage, v.KeyStage)
-			lines = append(lines, fmt.Sprintf("storm: %s: key from %s at %.2fs after QEMU start (key stage %.2fs), switch root at %.2fs",
-				v.Name, v.Server, v.KeyAt.Seconds(), v.KeyStage.Seconds(), v.SwitchRootAt.Seconds()))
+			lines = append(lines, fmt.Sprintf("storm: %s: key from %s at %.2fs after QEMU start (key stage %.2fs, failed over from the killed replica: %t), switch root at %.2fs",
+				v.Name, v.Server, v.KeyAt.Seconds(), v.KeyStage.Seconds(), v.FailedOver, v.SwitchRootAt.Seconds()))
 		}
 	}
 	s := func(d time.Duration) string { return fmt.Sprintf("%.2fs", d.Seconds()) }
