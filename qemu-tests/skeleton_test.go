@@ -5,8 +5,6 @@ package qemutests
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"fmt"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -47,7 +45,7 @@ func newSkeleton(t *testing.T, ctx context.Context) *skeleton {
 // newSkeletonOn sets up a skeleton that boots kernel k.
 func newSkeletonOn(t *testing.T, ctx context.Context, k harness.KernelFiles) *skeleton {
 	t.Helper()
-	s := &skeleton{dir: t.TempDir(), uuid: randomUUID(t), kernel: k}
+	s := &skeleton{dir: t.TempDir(), uuid: harness.RandomUUID(), kernel: k}
 	e, err := harness.Enroll(ctx, s.dir, s.uuid)
 	if err != nil {
 		t.Fatal(err)
@@ -100,16 +98,6 @@ func (s *skeleton) vmOptions(img string) harness.VMOptions {
 		UUID:      s.uuid,
 		SMBIOS:    []string{harness.TokenCredential(s.token)},
 	}
-}
-
-func randomUUID(t *testing.T) string {
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }
 
 type testLog struct{ t *testing.T }

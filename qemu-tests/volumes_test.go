@@ -41,7 +41,7 @@ func newVolSetup(t *testing.T, ctx context.Context, layout func(key, hello []byt
 // newVolSetupOn sets up a test that boots kernel k.
 func newVolSetupOn(t *testing.T, ctx context.Context, k harness.KernelFiles, layout func(key, hello []byte) harness.Disk) *volSetup {
 	t.Helper()
-	s := &volSetup{dir: t.TempDir(), uuid: randomUUID(t), kernel: k}
+	s := &volSetup{dir: t.TempDir(), uuid: harness.RandomUUID(), kernel: k}
 	e, err := harness.Enroll(ctx, s.dir, s.uuid)
 	if err != nil {
 		t.Fatal(err)

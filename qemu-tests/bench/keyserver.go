@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
+	"github.com/unlockrd/unlockrd/qemu-tests/storm"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver"
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/pin"
@@ -265,14 +266,7 @@ func selfCPU() time.Duration {
 
 func (c cell) rate() float64 { return float64(c.ok) / c.window.Seconds() }
 
-func pct(lat []time.Duration, p float64) time.Duration {
-	if len(lat) == 0 {
-		return 0
-	}
-	s := slices.Clone(lat)
-	slices.Sort(s)
-	return s[min(len(s)-1, int(float64(len(s))*p))]
-}
+func pct(lat []time.Duration, p float64) time.Duration { return storm.Percentile(lat, p) }
 
 // runLoad has clients goroutines fetch in a loop for warm+window and
 // counts the fetches that completed inside the window (after warm-up),

@@ -57,6 +57,7 @@ func main() {
 		{"unlock", benchUnlock},
 		{"keyserver", benchKeyServer},
 		{"network", benchNetwork},
+		{"storm", benchStorm},
 	}
 	r := &report{quick: *quick}
 	failed := false

@@ -51,3 +51,10 @@ func acquireVMLock(ctx context.Context, name string, log io.Writer) (release fun
 	}
 	return func() { f.Close() }, nil
 }
+
+// LockVMs takes the machine-wide VM lock for a group of VMs run side by
+// side (each started with VMOptions.Concurrent): other harness VMs, in
+// any process, wait until release is called.
+func LockVMs(ctx context.Context, name string, log io.Writer) (release func(), err error) {
+	return acquireVMLock(ctx, name, log)
+}

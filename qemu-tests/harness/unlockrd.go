@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -234,6 +235,16 @@ func (k *KeyServer) Stop() {
 	}
 }
 
+// Kill ends the server with SIGKILL, as a crash or a lost machine would
+// (no graceful shutdown), and waits for it to exit.
+func (k *KeyServer) Kill() {
+	if k == nil || k.cmd == nil || k.cmd.Process == nil {
+		return
+	}
+	_ = k.cmd.Process.Kill()
+	<-k.done
+}
+
 // GuestURL is the key URL template as the guest on user networking sees
 // this server.
 func (k *KeyServer) GuestURL() string {
@@ -402,6 +413,16 @@ func BuildImage(ctx context.Context, b *Bins, cfg ImageConfig, dir string, extra
 		return "", errors.New("harness: mkunlockrd wrote no image")
 	}
 	return img, nil
+}
+
+// RandomUUID is a random (version 4) UUID, e.g. a VM's SMBIOS UUID and
+// so its host id.
+func RandomUUID() string {
+	b := make([]byte, 16)
+	_, _ = rand.Read(b) // crypto/rand.Read does not fail (Go 1.24+)
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
 }
 
 // TokenCredential is the -smbios argument that hands the token over as a

@@ -84,6 +84,12 @@ type Config struct {
 	// Backoff between rounds; zero values take the defaults.
 	Backoff Backoff
 
+	// LocalAddr, when set, is the source address of every connection.
+	// The init leaves it unset; a fleet simulated on one machine (the
+	// storm in qemu-tests) gives each host its own loopback address, as
+	// the server's per-source limits expect of a real fleet.
+	LocalAddr net.Addr
+
 	// Now and Sleep are the clock, replaceable in tests.
 	Now   func() time.Time
 	Sleep func(ctx context.Context, d time.Duration) error
@@ -208,7 +214,7 @@ func Fetch(ctx context.Context, cfg Config, log ulog.Logger) (*Keys, error) {
 	if cfg.Sleep == nil {
 		cfg.Sleep = retry.Sleep
 	}
-	f := &fetcher{cfg: cfg, bo: cfg.Backoff.withDefaults(), log: log, dialer: &net.Dialer{}}
+	f := &fetcher{cfg: cfg, bo: cfg.Backoff.withDefaults(), log: log, dialer: &net.Dialer{LocalAddr: cfg.LocalAddr}}
 	for _, s := range cfg.URLs {
 		u, err := expand(s, cfg.Host)
 		if err != nil {
