@@ -16,14 +16,14 @@ const module = "github.com/unlockrd/unlockrd/"
 var bootOnly = []string{
 	"initramfs/boot", "initramfs/modload", "initramfs/sysroot",
 	"netboot/netup",
-	"unlock/keys", "unlock/volumes", "unlock/dm", "unlock/blockdev", "unlock/blank",
+	"unlock/keys", "unlock/volumes", "unlock/dm", "unlock/blockdev",
 }
 
 // shared are the packages both sides link; they import neither side.
 var shared = []string{
 	"initramfs/config", "initramfs/layout", "initramfs/ulog", "initramfs/retry",
 	"netboot/ipconf",
-	"unlock/pin", "unlock/keyproto", "unlock/luks2", "unlock/secret",
+	"unlock/pin", "unlock/keyproto", "unlock/luks2", "unlock/secret", "unlock/blank",
 }
 
 // allowedForTools are boot-only packages a tool may link for now.
