@@ -21,7 +21,7 @@ const networkTarget = 500 * time.Millisecond
 
 // benchNetwork measures the network stage from link up to configured:
 //   - per method (DHCPv4, DHCPv4 race, static, DHCPv6, SLAAC) against a
-//     real dnsmasq in network namespaces, by BenchmarkUp in the netboot
+//     real dnsmasq in network namespaces, by BenchmarkUp in the netup
 //     package (`go test -bench`: the bench program links no boot code);
 //   - inside QEMU (TCG), booting the walking-skeleton VM on user
 //     networking, from the winning link's console line, next to the whole
@@ -42,12 +42,12 @@ func benchNetwork(ctx context.Context, r *report) error {
 	}
 	defer os.RemoveAll(dir)
 
-	testBin := filepath.Join(dir, "netboot.test")
-	build := exec.CommandContext(ctx, "go", "test", "-c", "-o", testBin, "./netboot")
+	testBin := filepath.Join(dir, "netup.test")
+	build := exec.CommandContext(ctx, "go", "test", "-c", "-o", testBin, "./netboot/netup")
 	build.Dir = root
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := build.CombinedOutput(); err != nil {
-		return fmt.Errorf("go test -c ./netboot: %w\n%s", err, out)
+		return fmt.Errorf("go test -c ./netboot/netup: %w\n%s", err, out)
 	}
 	gb := exec.CommandContext(ctx, testBin, "-test.run", "^$", "-test.bench", "^BenchmarkUp$",
 		"-test.benchtime", fmt.Sprintf("%dx", runs))
