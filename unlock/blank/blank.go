@@ -72,7 +72,7 @@ var magics = []struct {
 	sig  string
 }{
 	{"LUKS", 0, "LUKS\xba\xbe"},
-	{"LUKS2 secondary header", -1, "SKUL\xba\xbe"},
+	{"LUKS2 secondary header", -1, string(secondaryMagic)},
 	{"xfs", 0, "XFSB"},
 	{"squashfs", 0, "hsqs"},
 	{"cramfs", 0, "E=\xcd\x28"},
@@ -148,7 +148,7 @@ func Check(r io.ReaderAt, size int64) error {
 		}
 		if i := nonZero(b); i >= 0 {
 			what := p.name
-			if bytes.HasPrefix(b, []byte("SKUL\xba\xbe")) {
+			if bytes.HasPrefix(b, secondaryMagic) {
 				what = "LUKS2 secondary header"
 			}
 			return fmt.Errorf("%w: non-zero data at %d, where a %s would be", ErrNotBlank, p.off+int64(i), what)
@@ -156,6 +156,10 @@ func Check(r io.ReaderAt, size int64) error {
 	}
 	return nil
 }
+
+// secondaryMagic starts a LUKS2 secondary header: non-zero data there is
+// named as one.
+var secondaryMagic = []byte("SKUL\xba\xbe")
 
 func readFull(r io.ReaderAt, b []byte, off int64) error {
 	n, err := r.ReadAt(b, off)
@@ -187,7 +191,7 @@ func name(buf []byte, base int64, i int, size int64) string {
 			}
 		}
 		for off := int64(16 << 10); off < int64(len(buf)); off *= 2 {
-			if bytes.HasPrefix(buf[off:], []byte("SKUL\xba\xbe")) {
+			if bytes.HasPrefix(buf[off:], secondaryMagic) {
 				return fmt.Sprintf("LUKS2 secondary header at %d", off)
 			}
 		}

@@ -299,8 +299,6 @@ func readHeaderAt(r io.ReaderAt, off int64) (h *Header, sealed int64, err error)
 	return h, size, nil
 }
 
-var luksMagic2 = []byte("SKUL\xba\xbe")
-
 // The JSON is decoded into exact types: a number where a string is due
 // (or the reverse) is a refusal, not a guess.
 type jsonMeta struct {

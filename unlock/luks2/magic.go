@@ -6,8 +6,11 @@ import (
 	"slices"
 )
 
-// luksMagic starts a primary LUKS header (luksMagic2 a secondary one).
-var luksMagic = []byte("LUKS\xba\xbe")
+// luksMagic starts a primary LUKS header, luksMagic2 a LUKS2 secondary one.
+var (
+	luksMagic  = []byte("LUKS\xba\xbe")
+	luksMagic2 = []byte("SKUL\xba\xbe")
+)
 
 func cstr(b []byte) string {
 	if i := bytes.IndexByte(b, 0); i >= 0 {
