@@ -2,8 +2,8 @@ package luks2
 
 import (
 	"bytes"
-	"encoding/binary"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand"
@@ -133,7 +133,9 @@ func cuts(start []byte, ops []op) []cut {
 			continue
 		}
 		pending = append(pending, o)
-		name := func(f string, a ...any) string { return fmt.Sprintf("write %d (%d bytes at %d): ", k+1, len(o.data), o.off) + fmt.Sprintf(f, a...) }
+		name := func(f string, a ...any) string {
+			return fmt.Sprintf("write %d (%d bytes at %d): ", k+1, len(o.data), o.off) + fmt.Sprintf(f, a...)
+		}
 		out = append(out, cut{name("nothing since the last sync"), slices.Clone(synced)})
 		out = append(out, cut{name("all of it"), apply(synced, pending)})
 		if len(pending) > 1 {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -337,5 +338,221 @@ func TestUnfinishedNeedsTheMarker(t *testing.T) {
 	v, _ := formatMem(t, size, testVK(1), opt)
 	if err := Unfinished(v.img(), size, opt); !errors.Is(err, ErrNotOurs) {
 		t.Fatalf("complete volume: %v", err)
+	}
+}
+
+// opensBoth says which of old and new open dev, by us and by cryptsetup,
+// and fails when we disagree.
+func opensBoth(t *testing.T, o *oracle, name string, dev img) (oldOK, newOK bool) {
+	t.Helper()
+	oldOK, _ = opensOurs(t, dev, testPass)
+	newOK, _ = opensOurs(t, dev, newPass)
+	r := o.opens(dev, testPass, newPass)
+	if r[string(testPass)] != oldOK || r[string(newPass)] != newOK {
+		t.Fatalf("%s: we open old %v new %v, cryptsetup old %v new %v", name, oldOK, newOK, r[string(testPass)], r[string(newPass)])
+	}
+	return oldOK, newOK
+}
+
+// startVolumes are the volumes a rotation starts from: one cryptsetup
+// made (4 MiB, 1 MiB keyslots area) and one of ours, both opening with
+// testPass only.
+func startVolumes(t *testing.T) map[string]img {
+	cs, err := os.ReadFile(luks2test.Format(t, testPass))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, _ := formatMem(t, fmtTestSize, testVK(10), FormatOptions{Rand: seededRand(11)})
+	return map[string]img{"cryptsetup-made": {cs, int64(len(cs))}, "ours": ours.img()}
+}
+
+func volumeKey(t *testing.T, dev img, pass []byte) (*secret.Buf, int, *Header) {
+	t.Helper()
+	h, err := ReadHeader(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vk, slot, _, err := FindKey(context.Background(), dev, h, keyBufs(pass))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vk, slot, h
+}
+
+// TestRotation adds a keyslot for a new key and removes the old one, on a
+// cryptsetup-made volume and on ours: after the add both keys open it
+// (cryptsetup and we agree, and cryptsetup's own luksAddKey would have
+// put the keyslot at the same place); after the remove only the new key
+// does, the old area no longer holds its key material, and cryptsetup's
+// luksDump lists only the new keyslot.
+func TestRotation(t *testing.T) {
+	o := newOracle(t)
+	for name, start := range startVolumes(t) {
+		t.Run(name, func(t *testing.T) {
+			d := newMemDev(start.b, start.size)
+			vk, oldSlot, h := volumeKey(t, d.img(), testPass)
+			defer vk.Wipe()
+			id, h2, err := AddKeyslot(context.Background(), d, h, vk, buf(newPass), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if h2.SeqID != h.SeqID+1 || id == oldSlot {
+				t.Fatalf("slot %d, sequence id %d after %d", id, h2.SeqID, h.SeqID)
+			}
+			if old, nw := opensBoth(t, o, "after add", d.img()); !old || !nw {
+				t.Fatalf("after add: old %v new %v", old, nw)
+			}
+			// cryptsetup's luksAddKey on the same volume picks the same
+			// id and area.
+			path := filepath.Join(t.TempDir(), "theirs.img")
+			writeSparse(t, path, start)
+			kf, nf := filepath.Join(t.TempDir(), "old"), filepath.Join(t.TempDir(), "new")
+			os.WriteFile(kf, testPass, 0o600)
+			os.WriteFile(nf, newPass, 0o600)
+			if out, err := exec.Command("cryptsetup", "luksAddKey", "--batch-mode", "--key-file", kf, "--pbkdf", "pbkdf2",
+				"--pbkdf-force-iterations", "1000", path, nf).CombinedOutput(); err != nil {
+				t.Fatalf("luksAddKey: %v\n%s", err, out)
+			}
+			theirs, err := readHeaderFile(t, path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ours, _ := h2.Keyslot(id)
+			tk, ok := theirs.Keyslot(id)
+			if !ok || tk.Area != ours.Area || tk.KDF.Iterations != ours.KDF.Iterations || tk.AF != ours.AF {
+				t.Fatalf("our keyslot %d: %+v; cryptsetup's: %+v", id, ours, tk)
+			}
+			oldArea := slices.Clone(d.b[ks(h, oldSlot).Area.Offset:][:ks(h, oldSlot).Area.Size])
+			h3, err := RemoveKeyslot(context.Background(), d, h2, oldSlot, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := h3.Keyslot(oldSlot); ok || h3.SeqID != h2.SeqID+1 {
+				t.Fatalf("after remove: %+v", h3.Keyslots)
+			}
+			if old, nw := opensBoth(t, o, "after remove", d.img()); old || !nw {
+				t.Fatalf("after remove: old %v new %v", old, nw)
+			}
+			wiped(t, d.img(), oldArea, ks(h, oldSlot).Area.Offset)
+			p2 := filepath.Join(t.TempDir(), "after.img")
+			writeSparse(t, p2, d.img())
+			out := dump(t, p2)
+			if strings.Contains(out, "\n  "+itoa(int64(oldSlot))+": luks2") || !strings.Contains(out, "\n  "+itoa(int64(id))+": luks2") {
+				t.Fatalf("luksDump after rotation:\n%s", out)
+			}
+			if _, err := RemoveKeyslot(context.Background(), d, h3, id, nil); err == nil {
+				t.Fatal("removed the last keyslot")
+			}
+		})
+	}
+}
+
+func ks(h *Header, id int) Keyslot { k, _ := h.Keyslot(id); return k }
+
+// wiped fails when any 512-byte sector of the old area is still on dev.
+func wiped(t *testing.T, dev img, old []byte, off int64) {
+	t.Helper()
+	cur := make([]byte, len(old))
+	dev.ReadAt(cur, off)
+	for i := 0; i+512 <= len(old); i += 512 {
+		if bytes.Equal(cur[i:i+512], old[i:i+512]) {
+			t.Fatalf("sector %d of the removed keyslot's area is still there", i/512)
+		}
+	}
+}
+
+// TestRotationPowerCut cuts power at every write of an AddKeyslot and of
+// a RemoveKeyslot (torn both ways, unsynced writes lost), and fails every
+// write and sync: each state opens with the old key or the new one, we
+// and cryptsetup agree on which, and running the step again completes it.
+func TestRotationPowerCut(t *testing.T) {
+	o := newOracle(t)
+	for name, start := range startVolumes(t) {
+		t.Run(name, func(t *testing.T) {
+			vk, oldSlot, h := volumeKey(t, start, testPass)
+			defer vk.Wipe()
+			counts := map[string]int{}
+			add := func(d *memDev) (*Header, error) {
+				h, err := ReadHeader(d)
+				if err != nil {
+					return nil, err
+				}
+				_, nh, err := AddKeyslot(context.Background(), d, h, vk, buf(newPass), seededRand(20))
+				return nh, err
+			}
+			remove := func(d *memDev) (*Header, error) {
+				h, err := ReadHeader(d)
+				if err != nil {
+					return nil, err
+				}
+				return RemoveKeyslot(context.Background(), d, h, oldSlot, seededRand(21))
+			}
+			oldArea := slices.Clone(start.b[ks(h, oldSlot).Area.Offset:][:ks(h, oldSlot).Area.Size])
+			for _, step := range []struct {
+				name   string
+				run    func(*memDev) (*Header, error)
+				oldNow bool // the old key must open every state
+				newNow bool // the new key must open every state
+				done   func(*testing.T, string, img)
+			}{
+				{"add", add, true, false, func(t *testing.T, n string, dev img) {
+					if old, nw := opensBoth(t, o, n+", added again", dev); !old || !nw {
+						t.Fatalf("%s: added again: old %v new %v", n, old, nw)
+					}
+				}},
+				{"remove", remove, false, true, func(t *testing.T, n string, dev img) {
+					if old, nw := opensBoth(t, o, n+", removed again", dev); old || !nw {
+						t.Fatalf("%s: removed again: old %v new %v", n, old, nw)
+					}
+					wiped(t, dev, oldArea, ks(h, oldSlot).Area.Offset)
+				}},
+			} {
+				d := newMemDev(start.b, start.size)
+				if step.name == "remove" {
+					if _, err := add(d); err != nil {
+						t.Fatal(err)
+					}
+					start = d.img()
+					d = newMemDev(start.b, start.size)
+					d.ops = nil
+				}
+				if _, err := step.run(d); err != nil {
+					t.Fatal(err)
+				}
+				check := func(n string, state img) {
+					old, nw := opensBoth(t, o, n, state)
+					if step.oldNow && !old || step.newNow && !nw {
+						t.Fatalf("%s: opens with old %v, new %v", n, old, nw)
+					}
+					counts[step.name+fmt.Sprintf(": old %v new %v", old, nw)]++
+					again := newMemDev(state.b, state.size)
+					if _, err := step.run(again); err != nil {
+						t.Fatalf("%s: again: %v", n, err)
+					}
+					step.done(t, n, again.img())
+				}
+				cs := cuts(start.b, d.ops)
+				for _, c := range cs {
+					check(step.name+": "+c.name, img{c.state, start.size})
+				}
+				nw, ns := d.writes(), len(d.ops)-d.writes()
+				for i := 1; i <= nw+ns; i++ {
+					f := newMemDev(start.b, start.size)
+					if i <= nw {
+						f.failW = i
+					} else {
+						f.failS = i - nw
+					}
+					_, err := step.run(f)
+					if !strings.Contains(fmtErr(err), errInjected.Error()) {
+						t.Fatalf("%s: failing I/O %d: %v", step.name, i, err)
+					}
+					noSecrets(t, err, testPass, newPass, vk.Bytes())
+					check(fmt.Sprintf("%s: failing I/O %d", step.name, i), f.img())
+				}
+				t.Logf("%s: %d writes, %d syncs, %d power-cut states, %d failed-I/O runs", step.name, nw, ns, len(cs), nw+ns)
+			}
+			t.Logf("states: %v; %d cryptsetup runs so far", counts, o.runs)
+		})
 	}
 }
