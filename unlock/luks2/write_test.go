@@ -3,6 +3,8 @@ package luks2
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -554,5 +556,101 @@ func TestRotationPowerCut(t *testing.T) {
 			}
 			t.Logf("states: %v; %d cryptsetup runs so far", counts, o.runs)
 		})
+	}
+}
+
+// setSeqID sets the sequence id of one header copy of the file and fixes
+// its checksum.
+func setSeqID(t *testing.T, path string, copyIdx int, seq uint64) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	off := copyIdx * fmtHdrSize
+	hdr := b[off : off+fmtHdrSize]
+	binary.BigEndian.PutUint64(hdr[16:], seq)
+	clear(hdr[0x1c0 : 0x1c0+64])
+	sum := sha256.Sum256(hdr)
+	copy(hdr[0x1c0:], sum[:])
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestReadHeaderHigherSeqID: with both copies intact and different, the
+// one with the higher sequence id is used, by us as by cryptsetup (the
+// oracle): a rotation cut between its two header writes leaves exactly
+// that.
+func TestReadHeaderHigherSeqID(t *testing.T) {
+	o := newOracle(t)
+	dropSlot0 := func(m map[string]any) {
+		delete(m["keyslots"].(map[string]any), "0")
+		d := m["digests"].(map[string]any)["0"].(map[string]any)
+		d["keyslots"] = []any{"1"}
+	}
+	for _, tc := range []struct {
+		name      string
+		newer     int // copy with the higher sequence id
+		wantOld   bool
+		secondary bool
+	}{
+		{"secondary newer", 1, false, true},
+		{"primary newer", 0, true, false},
+		{"equal", -1, true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := format(t, testPass, newPass)
+			editJSON(t, path, 1, dropSlot0)
+			h0, err := readHeaderFile(t, path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			seq := h0.SeqID
+			if tc.newer >= 0 {
+				setSeqID(t, path, tc.newer, seq+1)
+			}
+			b, _ := os.ReadFile(path)
+			dev := img{b, int64(len(b))}
+			h, err := ReadHeader(dev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if h.Secondary != tc.secondary || (h.PrimaryErr != nil) != tc.secondary {
+				t.Fatalf("Secondary %v (%v)", h.Secondary, h.PrimaryErr)
+			}
+			if old, nw := opensBoth(t, o, tc.name, dev); old != tc.wantOld || !nw {
+				t.Fatalf("old %v new %v", old, nw)
+			}
+		})
+	}
+}
+
+// TestWritersWipeEverything: Format and AddKeyslot leave no buffer, MAC
+// or hash state from which the passphrase, the volume key or the area key
+// could be read (as TestUnsealWipesEverything does for unsealing), and
+// leave the caller's secrets as they were.
+func TestWritersWipeEverything(t *testing.T) {
+	vk := testVK(30)
+	vkCopy := bytes.Clone(vk.Bytes())
+	pass := buf(testPass)
+	sc := &scratch{}
+	d := newMemDev(nil, fmtTestSize)
+	h, err := formatDev(context.Background(), d, fmtTestSize, vk, pass, FormatOptions{Rand: seededRand(31)}, sc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(sc.hashes) == 0 {
+		t.Fatal("the anti-forensic split recorded no hash")
+	}
+	checkScratch(t, sc, map[string][]byte{"passphrase": testPass, "volume key": vkCopy}, sha256.New)
+	sc = &scratch{}
+	np := buf(newPass)
+	if _, _, err := addKeyslot(context.Background(), d, h, vk, np, seededRand(32), sc); err != nil {
+		t.Fatal(err)
+	}
+	checkScratch(t, sc, map[string][]byte{"passphrase": testPass, "new passphrase": newPass, "volume key": vkCopy}, sha256.New)
+	if !bytes.Equal(vk.Bytes(), vkCopy) || !bytes.Equal(pass.Bytes(), testPass) || !bytes.Equal(np.Bytes(), newPass) {
+		t.Fatal("a writer changed the caller's secrets")
 	}
 }
