@@ -654,3 +654,59 @@ func TestWritersWipeEverything(t *testing.T) {
 		t.Fatal("a writer changed the caller's secrets")
 	}
 }
+
+// TestWriteOrder pins LUKS2's update rules on the recorded writes: every
+// write is followed by a sync; Format writes its marker, then keyslot 0's
+// area, then the secondary's JSON area, its binary header, the primary;
+// AddKeyslot writes the new area before the header (secondary first);
+// RemoveKeyslot writes the header (secondary first) before wiping the
+// area. The power-cut tests cannot see every one of these (a keyslot area
+// written after the header that names it still leaves the old key
+// working), so the order itself is checked.
+func TestWriteOrder(t *testing.T) {
+	type w struct{ off, n int64 }
+	record := func(d *memDev) []w {
+		var out []w
+		for i, o := range d.ops {
+			if o.data == nil {
+				continue
+			}
+			if i+1 >= len(d.ops) || d.ops[i+1].data != nil {
+				t.Fatalf("write %d (%d bytes at %d) is not followed by a sync", len(out)+1, len(o.data), o.off)
+			}
+			out = append(out, w{o.off, int64(len(o.data))})
+		}
+		return out
+	}
+	const hs = fmtHdrSize
+	header := []w{{hs + 4096, hs - 4096}, {hs, 4096}, {0, hs}}
+	d := newMemDev(nil, fmtTestSize)
+	vk := testVK(40)
+	h, err := Format(context.Background(), d, fmtTestSize, vk, buf(testPass), FormatOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a0 := ks(h, 0).Area
+	if got, want := record(d), append([]w{{hs, 4096}, {a0.Offset, a0.Size}}, header...); !slices.Equal(got, want) {
+		t.Fatalf("Format wrote %v, want %v", got, want)
+	}
+	d.ops = nil
+	id, h2, err := AddKeyslot(context.Background(), d, h, vk, buf(newPass), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a1 := ks(h2, id).Area
+	if a1.Offset != a0.Offset+a0.Size {
+		t.Fatalf("keyslot %d area at %d, want right after keyslot 0's (%d)", id, a1.Offset, a0.Offset+a0.Size)
+	}
+	if got, want := record(d), append([]w{{a1.Offset, a1.Size}}, header...); !slices.Equal(got, want) {
+		t.Fatalf("AddKeyslot wrote %v, want %v", got, want)
+	}
+	d.ops = nil
+	if _, err := RemoveKeyslot(context.Background(), d, h2, 0, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := record(d), append(slices.Clone(header), w{a0.Offset, a0.Size}); !slices.Equal(got, want) {
+		t.Fatalf("RemoveKeyslot wrote %v, want %v", got, want)
+	}
+}
