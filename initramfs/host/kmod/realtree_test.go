@@ -708,7 +708,7 @@ func TestAliasCache(t *testing.T) {
 // TestPrefixDecoderMatchesXZ: the alias scan's own LZMA2 decoder
 // (prefixDecoder) decodes modules of Debian 13's .ko.xz tree, whole, to
 // exactly what github.com/ulikunitz/xz (which checks the CRC) gives, and
-// stops where it is asked to, on every 7th module and all of the largest
+// stops where it is asked to, on every 11th module and all of the largest
 // (which xz wrote in several blocks).
 func TestPrefixDecoderMatchesXZ(t *testing.T) {
 	k := kernelcache.ForTestNamed(t, kernelcache.Debian13)
@@ -723,7 +723,7 @@ func TestPrefixDecoderMatchesXZ(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !strings.HasSuffix(p, ".ko.xz") || i%7 != 0 && st.Size() < 1<<20 {
+		if !strings.HasSuffix(p, ".ko.xz") || i%11 != 0 && st.Size() < 1<<20 {
 			continue
 		}
 		want, err := readFile(p)
@@ -752,7 +752,7 @@ func TestPrefixDecoderMatchesXZ(t *testing.T) {
 		}
 		checked++
 	}
-	if checked < 500 {
+	if checked < 350 {
 		t.Errorf("only %d modules checked", checked)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"testing"
 	"time"
@@ -167,5 +168,32 @@ func TestBadParams(t *testing.T) {
 			k.Wipe()
 			t.Errorf("%+v accepted", p)
 		}
+	}
+}
+
+// BenchmarkKey and BenchmarkXCrypto compare the two on the same work:
+// small memory (compression speed) and LUKS-sized memory (faults, TLB).
+func BenchmarkKey(b *testing.B) {
+	for _, mem := range []uint32{8 << 10, 256 << 10} {
+		p := Params{Mode: ID, Time: 4, MemoryKiB: mem, Lanes: 2, KeyLen: 64}
+		b.Run(fmt.Sprintf("%dMiB", mem>>10), func(b *testing.B) {
+			for b.Loop() {
+				k, err := Key(context.Background(), p, []byte("pass"), []byte("saltsaltsaltsalt"))
+				if err != nil {
+					b.Fatal(err)
+				}
+				k.Wipe()
+			}
+		})
+	}
+}
+
+func BenchmarkXCrypto(b *testing.B) {
+	for _, mem := range []uint32{8 << 10, 256 << 10} {
+		b.Run(fmt.Sprintf("%dMiB", mem>>10), func(b *testing.B) {
+			for b.Loop() {
+				xargon2.IDKey([]byte("pass"), []byte("saltsaltsaltsalt"), 4, mem, 2, 64)
+			}
+		})
 	}
 }
