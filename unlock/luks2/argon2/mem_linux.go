@@ -16,9 +16,11 @@ type mapping struct {
 }
 
 // mapBlocks maps n blocks. MADV_HUGEPAGE makes the first pass fault in
-// 2 MiB at a time where the kernel has huge pages (Debian's kernels set
-// transparent huge pages to "madvise"), which also spares the random
-// reference reads most TLB misses; without them it works on 4 KiB pages.
+// 2 MiB at a time where the kernel has transparent huge pages, which also
+// spares the random reference reads most TLB misses: Debian's kernels
+// default to "always" (and the advice then asks for compaction when no
+// huge page is free), hosts set to "madvise" get them only with it.
+// Without huge pages it works the same on 4 KiB pages.
 // The pages are not populated up front: the lanes fault their own pages
 // in parallel on the first pass.
 func mapBlocks(n int) (*mapping, error) {
