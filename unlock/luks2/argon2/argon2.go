@@ -108,7 +108,7 @@ func derive(ctx context.Context, p Params, pass, salt, key, ad []byte, wiped fun
 	laneLen := segLen * syncPoints
 	m, err := mapBlocks(int(laneLen * lanes))
 	if err != nil {
-		return nil, fmt.Errorf("%v: %d MiB of memory: %w", p.Mode, p.MemoryKiB>>10, err)
+		return nil, fmt.Errorf("%v needs %d MiB of memory: %w", p.Mode, p.MemoryKiB>>10, err)
 	}
 	defer m.unmap()
 	mem := m.blocks
