@@ -124,19 +124,19 @@ func derive(ctx context.Context, p Params, pass, salt, key, ad []byte, wiped fun
 	initLanes(mem, h0, laneLen, lanes)
 
 	in := instance{mem: mem, p: p, lanes: lanes, segLen: segLen, laneLen: laneLen}
-	for pass := uint32(0); pass < p.Time; pass++ {
+	for round := uint32(0); round < p.Time; round++ {
 		for slice := uint32(0); slice < syncPoints; slice++ {
 			var wg sync.WaitGroup
 			for lane := uint32(0); lane < lanes; lane++ {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					in.segment(ctx, pass, slice, lane)
+					in.segment(ctx, round, slice, lane)
 				}()
 			}
 			wg.Wait()
 			if err := ctx.Err(); err != nil {
-				return nil, fmt.Errorf("%v stopped in pass %d of %d: %w", p.Mode, pass+1, p.Time, err)
+				return nil, fmt.Errorf("%v stopped in pass %d of %d: %w", p.Mode, round+1, p.Time, err)
 			}
 		}
 	}
