@@ -54,6 +54,7 @@ func main() {
 	sections := []section{
 		{"boot", benchBoot},
 		{"size", benchSize},
+		{"build", benchBuild},
 		{"unlock", benchUnlock},
 		{"keyserver", benchKeyServer},
 		{"network", benchNetwork},

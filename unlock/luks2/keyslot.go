@@ -15,13 +15,11 @@ import (
 	"hash"
 	"io"
 	"os"
-	"runtime"
-	"runtime/debug"
 	"strconv"
 	"strings"
 
+	"github.com/unlockrd/unlockrd/unlock/luks2/argon2"
 	"github.com/unlockrd/unlockrd/unlock/secret"
-	"golang.org/x/crypto/argon2"
 	"golang.org/x/crypto/xts"
 )
 
@@ -126,70 +124,29 @@ func unseal(ctx context.Context, r io.ReaderAt, h *Header, slot int, passphrase 
 	return key, nil
 }
 
-// deriveKDF runs the keyslot's KDF. argon2 runs its lanes in parallel (as
-// many goroutines as the header has lanes, which is what makes it as fast
-// as cryptsetup); its memory is handed back to the kernel right after,
-// since a small VM needs it for the rest of the boot.
-//
-// x/crypto/argon2 cannot be interrupted, so it runs on its own goroutine
-// with a copy of the passphrase: when ctx ends first, deriveKDF returns at
-// once and the goroutine wipes its copy and its result when it finishes
-// (its cost is bounded by the header policy).
+// deriveKDF runs the keyslot's KDF. argon2 is unlock/luks2/argon2: its
+// memory is mapped for this one computation and unmapped (wiped) before it
+// returns, since a small VM needs it for the rest of the boot, and it
+// stops soon after ctx ends.
 func deriveKDF(ctx context.Context, k KDF, pass []byte, n int, sc *scratch) (*secret.Buf, error) {
 	switch k.Type {
 	case "pbkdf2":
 		return pbkdf2Key(ctx, hashFunc(k.Hash), pass, k.Salt, k.Iterations, n, sc)
 	case "argon2i", "argon2id":
+		// Checked before mapping: running out halfway would bring the
+		// OOM killer to PID 1 (which it cannot kill: the kernel panics).
 		if avail, ok := memAvailableKiB(); ok && uint64(k.Memory) > avail {
 			return nil, fmt.Errorf("%s needs %d MiB of memory, only %d MiB available", k.Type, k.Memory>>10, avail>>10)
 		}
-		if err := ctx.Err(); err != nil {
-			return nil, err
+		mode := argon2.ID
+		if k.Type == "argon2i" {
+			mode = argon2.I
 		}
-		own := secret.New(len(pass))
-		copy(own.Bytes(), pass)
-		done := make(chan *secret.Buf, 1)
-		go func() {
-			defer own.Wipe()
-			defer debug.FreeOSMemory()
-			prefault(int(k.Memory) << 10)
-			if k.Type == "argon2i" {
-				done <- secret.From(argon2.Key(own.Bytes(), k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)))
-			} else {
-				done <- secret.From(argon2.IDKey(own.Bytes(), k.Salt, uint32(k.Time), uint32(k.Memory), uint8(k.CPUs), uint32(n)))
-			}
-		}()
-		select {
-		case key := <-done:
-			return key, nil
-		case <-ctx.Done():
-			go func() { (<-done).Wipe() }()
-			return nil, fmt.Errorf("%s stopped: %w", k.Type, ctx.Err())
-		}
+		// Header validation bounds these (time, memory, lanes ≤ 16).
+		return argon2.Key(ctx, argon2.Params{Mode: mode, Time: uint32(k.Time), MemoryKiB: uint32(k.Memory),
+			Lanes: uint8(k.CPUs), KeyLen: uint32(n)}, pass, k.Salt)
 	}
 	return nil, fmt.Errorf("KDF %q", k.Type)
-}
-
-// prefault writes to n bytes of fresh heap and frees them again, so that
-// the argon2 allocation that follows reuses pages already backed by RAM.
-//
-// x/crypto/argon2 XORs each new block into its memory even on the first
-// pass, so on fresh memory every page takes two faults: a read (mapping
-// the shared zero page), then a copy-on-write. Writing first takes one,
-// and the runtime then clears the reused pages without faulting. Measured
-// (256 MiB, 14 passes, 2 lanes): 131k faults and ~2.3 s become 65k and
-// ~1.8 s, against cryptsetup's ~2.1 s on the same slot.
-func prefault(n int) {
-	if n < 16<<20 {
-		return // small slots: not worth a GC
-	}
-	b := make([]byte, n)
-	for i := 0; i < len(b); i += 4096 {
-		b[i] = 1
-	}
-	runtime.KeepAlive(b)
-	b = nil
-	runtime.GC()
 }
 
 // memAvailableKiB reads MemAvailable from /proc/meminfo.
@@ -285,7 +242,7 @@ func afMerge(src []byte, n, stripes int, newHash func() hash.Hash, sc *scratch) 
 	}
 	h := newHash()
 	sc.keepHash(h)
-	defer scrub(h)
+	defer secret.ScrubHash(h)
 	key := secret.New(n)
 	buf := key.Bytes()
 	tmp := make([]byte, 0, n+h.Size())

@@ -8,7 +8,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/unlockrd/unlockrd/unlock/luks2/luks2test"
@@ -174,8 +176,7 @@ func TestPBKDF2Vectors(t *testing.T) {
 // BenchmarkUnlockArgon2id unseals a cryptsetup-made argon2id keyslot.
 // UNLOCKRD_BENCH_VOLUME and UNLOCKRD_BENCH_KEYFILE name a volume made
 // elsewhere (the bench program compares against cryptsetup on the same
-// one); otherwise it makes one: cryptsetup's default argon2id with a
-// modest memory cost.
+// one); otherwise it makes one as cryptsetup luksFormat does by default.
 func BenchmarkUnlockArgon2id(b *testing.B) {
 	img, kf := os.Getenv("UNLOCKRD_BENCH_VOLUME"), os.Getenv("UNLOCKRD_BENCH_KEYFILE")
 	if img == "" {
@@ -185,7 +186,6 @@ func BenchmarkUnlockArgon2id(b *testing.B) {
 		os.WriteFile(img, nil, 0o600)
 		os.Truncate(img, 20<<20)
 		if out, err := exec.Command("cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode",
-			"--pbkdf", "argon2id", "--pbkdf-memory", "262144", "--pbkdf-parallel", "4",
 			"--key-file", kf, img).CombinedOutput(); err != nil {
 			b.Fatalf("cryptsetup: %v\n%s", err, out)
 		}
@@ -216,4 +216,57 @@ func BenchmarkUnlockArgon2id(b *testing.B) {
 		}
 		vk.Wipe()
 	}
+}
+
+// TestArgon2OutOfMemory: a keyslot whose argon2 needs more memory than the
+// process can have is refused with an error naming the keyslot and the
+// memory, not a crash (PID 1 on a small VM). The check runs in a child
+// process of this test with its address space limited (RLIMIT_AS) to what
+// it uses plus 256 MiB, on a cryptsetup-made argon2id keyslot whose memory
+// cost was raised to 1 GiB.
+func TestArgon2OutOfMemory(t *testing.T) {
+	if img := os.Getenv("UNLOCKRD_OOM_VOLUME"); img != "" {
+		oomChild(t, img)
+		return
+	}
+	pass := []byte("oom")
+	img := formatArgs(t, pass, "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32768", "--pbkdf-parallel", "2")
+	luks2test.EditBoth(t, img, func(m map[string]any) {
+		m["keyslots"].(map[string]any)["0"].(map[string]any)["kdf"].(map[string]any)["memory"] = 1 << 20
+	})
+	cmd := exec.Command(os.Args[0], "-test.run=^TestArgon2OutOfMemory$", "-test.v")
+	cmd.Env = append(os.Environ(), "UNLOCKRD_OOM_VOLUME="+img)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "keyslot 0: argon2id needs 1024 MiB of memory") {
+		t.Fatalf("child's error does not name the keyslot and the memory:\n%s", out)
+	}
+	t.Logf("%s", bytes.TrimSpace(out))
+}
+
+func oomChild(t *testing.T, img string) {
+	status, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vmKiB uint64
+	for _, l := range strings.Split(string(status), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmSize:"); ok {
+			vmKiB, _ = strconv.ParseUint(strings.Fields(v)[0], 10, 64)
+		}
+	}
+	if vmKiB == 0 {
+		t.Fatal("no VmSize")
+	}
+	lim := &syscall.Rlimit{Cur: (vmKiB + 256<<10) << 10, Max: (vmKiB + 256<<10) << 10}
+	if err := syscall.Setrlimit(syscall.RLIMIT_AS, lim); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = unsealFile(t, img, []byte("oom"))
+	if err == nil || !errors.Is(err, ErrNoKey) {
+		t.Fatalf("unseal with 1 GiB argon2 under a 256 MiB headroom: %v", err)
+	}
+	t.Logf("refused: %v", err)
 }

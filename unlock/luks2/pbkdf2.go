@@ -42,7 +42,7 @@ func newMAC(newHash func() hash.Hash, key []byte) *mac {
 	if len(key) > bs {
 		m.outer.Write(key)
 		m.outer.Sum(m.ipad[:0]) // Size() <= BlockSize(): no allocation
-		scrub(m.outer)
+		secret.ScrubHash(m.outer)
 	} else {
 		copy(m.ipad, key)
 	}
@@ -102,25 +102,8 @@ func (m *mac) wipe() {
 	clear(m.opad)
 	clear(m.innerState)
 	clear(m.outerState)
-	scrub(m.inner)
-	scrub(m.outer)
-}
-
-// scrub leaves h in its initial state with its block buffer zeroed: Reset
-// alone restores the chaining value but leaves the last partial block
-// (which held secret-derived input) in the buffer. Writing one block of
-// zeros in two pieces makes the hash copy them through its buffer.
-func scrub(h hash.Hash) {
-	var zero [256]byte
-	bs := h.BlockSize()
-	if bs > len(zero) || bs < 2 {
-		h.Reset()
-		return
-	}
-	h.Reset()
-	h.Write(zero[:bs-1])
-	h.Write(zero[:1])
-	h.Reset()
+	secret.ScrubHash(m.inner)
+	secret.ScrubHash(m.outer)
 }
 
 // pbkdf2Key is PBKDF2-HMAC over a []byte password. Every buffer it uses is

@@ -5,7 +5,10 @@
 // only its length.
 package secret
 
-import "fmt"
+import (
+	"fmt"
+	"hash"
+)
 
 // Buf holds secret bytes. The zero value and nil are empty buffers.
 type Buf struct {
@@ -56,3 +59,20 @@ func (s *Buf) GoString() string { return s.String() }
 
 // Format hides the contents from every verb (%x, %s, %q, %v ...).
 func (s *Buf) Format(f fmt.State, _ rune) { fmt.Fprint(f, s.String()) }
+
+// ScrubHash leaves h in its initial state with its block buffer zeroed: Reset
+// alone restores the chaining value but leaves the last partial block
+// (which held secret-derived input) in the buffer. Writing one block of
+// zeros in two pieces makes the hash copy them through its buffer.
+func ScrubHash(h hash.Hash) {
+	var zero [256]byte
+	bs := h.BlockSize()
+	if bs > len(zero) || bs < 2 {
+		h.Reset()
+		return
+	}
+	h.Reset()
+	h.Write(zero[:bs-1])
+	h.Write(zero[:1])
+	h.Reset()
+}

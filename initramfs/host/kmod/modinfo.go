@@ -13,7 +13,6 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/ulikunitz/xz"
-	"github.com/ulikunitz/xz/lzma"
 )
 
 // modinfo is what the build needs from a module's .modinfo section, the
@@ -143,9 +142,9 @@ func readFile(p string) ([]byte, error) {
 // records sit near the start (2–30 % into the 6.12 modules measured). So
 // the decompressed stream is scanned for the section's shape, a run of
 // NUL-terminated key=value records that holds the module's own name=
-// record and its vermagic=, and decoding stops once that run has ended:
-// LZMA2 decodes chunk by chunk (at most 64 KiB of input each), so a large
-// module is mostly not decoded at all.
+// record and its vermagic=, and decoding (prefixDecoder, a step of 8 KiB
+// at a time) stops once that run has ended: most of a module is never
+// decoded.
 //
 // ok is false when no such run was found or the file is not one block of
 // plain LZMA2: the caller then reads the module whole. Lookups confirm
@@ -153,48 +152,27 @@ func readFile(p string) ([]byte, error) {
 // (Tree.confirm), so a record of another section that looks like an alias
 // costs a read, never a wrong module.
 func scanAliasesXZ(p, name string) (aliases []string, ok bool, err error) {
-	// A small window first: LZMA2 decodes a whole window ahead of the
-	// reader (one chunk, up to 2 MiB, with the file's own), which for most
-	// modules is all of it. A match reaching back further than the window
-	// fails the decode (it cannot corrupt it), and the file's own window
-	// is tried: it still stops after .modinfo.
-	for _, window := range []int{64 << 10, 0} {
-		aliases, ok, err = scanAliasesWindow(p, name, window)
-		if ok || err != nil {
-			return aliases, ok, err
-		}
-	}
-	return nil, false, nil
-}
-
-// scanAliasesWindow is one try of scanAliasesXZ with a decoding window
-// (0: the file's own).
-func scanAliasesWindow(p, name string, window int) (aliases []string, ok bool, err error) {
-	f, err := os.Open(p)
+	b, err := os.ReadFile(p)
 	if err != nil {
 		return nil, false, err
 	}
-	defer f.Close()
-	r := lzma2Prefix(bufio.NewReaderSize(f, 16<<10), window)
-	if r == nil {
+	d := newPrefixDecoder(b)
+	if d == nil {
 		return nil, false, nil
 	}
-	var (
-		buf   []byte
-		chunk = make([]byte, 8<<10)
-		run   runState
-	)
+	var run runState
 	nameRec := "name=" + name
-	for {
-		n, rerr := r.Read(chunk)
-		buf = append(buf, chunk[:n]...)
-		start := 0
+	start := 0 // first byte of the record being read
+	for step := 8 << 10; ; step += 8 << 10 {
+		if err := d.fill(step); err != nil {
+			return nil, false, nil
+		}
 		for {
-			i := bytes.IndexByte(buf[start:], 0)
+			i := bytes.IndexByte(d.out[start:], 0)
 			if i < 0 {
 				break
 			}
-			s := buf[start : start+i]
+			s := d.out[start : start+i]
 			start += i + 1
 			if isRecord(s) {
 				run.add(s, nameRec)
@@ -205,12 +183,10 @@ func scanAliasesWindow(p, name string, window int) (aliases []string, ok bool, e
 			}
 			run = runState{}
 		}
-		buf = append(buf[:0], buf[start:]...)
-		if rerr != nil {
-			if rerr == io.EOF && run.complete() {
+		if d.done || len(d.out) < step {
+			if run.complete() {
 				return run.aliases, true, nil
 			}
-			// Not found, or the window was too small.
 			return nil, false, nil
 		}
 	}
@@ -255,27 +231,21 @@ func isRecord(s []byte) bool {
 	return true
 }
 
-// lzma2Prefix returns a decoder of an .xz file holding one block of plain
-// LZMA2 (as kmod and the kernel's build write modules), or nil for any
-// other layout. xz.Reader would do, but it also checks the block's CRC at
-// its end, which a decoder stopped early never reaches. The bytes only
-// steer a search whose finds are confirmed from a full, checked read.
-func lzma2Prefix(br *bufio.Reader, window int) io.Reader {
-	var hdr [12]byte
-	if _, err := io.ReadFull(br, hdr[:]); err != nil || string(hdr[:6]) != "\xfd7zXZ\x00" {
-		return nil
+// xzBlockStart checks the .xz block header at b[off:] (one filter: plain
+// LZMA2, as kmod and the kernel's build write modules) and returns where
+// its LZMA2 data starts, or -1 for any other layout.
+func xzBlockStart(b []byte, off int) int {
+	if off >= len(b) || b[off] == 0 {
+		return -1
 	}
-	size, err := br.ReadByte()
-	if err != nil || size == 0 {
-		return nil
+	hlen := (int(b[off]) + 1) * 4
+	if off+hlen > len(b) {
+		return -1
 	}
-	bh := make([]byte, (int(size)+1)*4-1)
-	if _, err := io.ReadFull(br, bh); err != nil {
-		return nil
-	}
+	bh := b[off+1 : off+hlen]
 	flags := bh[0]
 	if flags&0x03 != 0 { // more than one filter
-		return nil
+		return -1
 	}
 	rest := bh[1:]
 	skipVarint := func() bool {
@@ -288,24 +258,32 @@ func lzma2Prefix(br *bufio.Reader, window int) io.Reader {
 		return false
 	}
 	if flags&0x40 != 0 && !skipVarint() { // compressed size
-		return nil
+		return -1
 	}
 	if flags&0x80 != 0 && !skipVarint() { // uncompressed size
-		return nil
+		return -1
 	}
 	// Filter flags: id 0x21 (LZMA2), one property byte (the dictionary).
 	if len(rest) < 3 || rest[0] != 0x21 || rest[1] != 1 || rest[2] > 40 {
-		return nil
+		return -1
 	}
-	dict := 2 | int(rest[2])&1
-	dict <<= rest[2]/2 + 11
-	dict = max(dict, lzma.MinDictCap)
-	if window > 0 {
-		dict = min(dict, max(window, lzma.MinDictCap))
+	return off + hlen
+}
+
+// xzCheckSize is the size of a block's check for the stream flags' check
+// type (xz's file format, §2.1.1.2), or -1 for a reserved one.
+func xzCheckSize(flags byte) int {
+	switch t := flags & 0x0f; {
+	case t == 0:
+		return 0
+	case t <= 3:
+		return 4
+	case t <= 6:
+		return 8
+	case t <= 9:
+		return 16
+	case t <= 12:
+		return 32
 	}
-	r, err := lzma.Reader2Config{DictCap: dict}.NewReader2(br)
-	if err != nil {
-		return nil
-	}
-	return r
+	return 64
 }

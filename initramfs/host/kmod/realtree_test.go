@@ -704,3 +704,55 @@ func TestAliasCache(t *testing.T) {
 		t.Errorf("%d alias cache files after a build on a changed tree, want 2", n)
 	}
 }
+
+// TestPrefixDecoderMatchesXZ: the alias scan's own LZMA2 decoder
+// (prefixDecoder) decodes modules of Debian 13's .ko.xz tree, whole, to
+// exactly what github.com/ulikunitz/xz (which checks the CRC) gives, and
+// stops where it is asked to, on every 11th module and all of the largest
+// (which xz wrote in several blocks).
+func TestPrefixDecoderMatchesXZ(t *testing.T) {
+	k := kernelcache.ForTestNamed(t, kernelcache.Debian13)
+	tree, err := Open(k.Modules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	checked := 0
+	for i, n := range sortedNames(tree.files) {
+		p := filepath.Join(k.Modules, tree.files[n])
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasSuffix(p, ".ko.xz") || i%11 != 0 && st.Size() < 1<<20 {
+			continue
+		}
+		want, err := readFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := newPrefixDecoder(b)
+		if d == nil {
+			t.Fatalf("%s: not .xz with LZMA2 blocks", p)
+		}
+		if err := d.fill(len(want) / 3); err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+		if len(d.out) < len(want)/3 || len(d.out) >= len(want) && len(want) > 64<<10 {
+			t.Errorf("%s: asked for %d bytes of %d, decoded %d", p, len(want)/3, len(want), len(d.out))
+		}
+		if err := d.fill(1 << 30); err != nil {
+			t.Fatalf("%s: %v", p, err)
+		}
+		if !d.done || !bytes.Equal(d.out, want) {
+			t.Fatalf("%s: decoded %d bytes (end %v), differing from xz's %d", p, len(d.out), d.done, len(want))
+		}
+		checked++
+	}
+	if checked < 350 {
+		t.Errorf("only %d modules checked", checked)
+	}
+}
