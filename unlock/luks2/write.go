@@ -477,7 +477,7 @@ func afSplit(dst, key []byte, newHash func() hash.Hash, rnd io.Reader, sc *scrat
 	}
 	h := newHash()
 	sc.keepHash(h)
-	defer scrub(h)
+	defer secret.ScrubHash(h)
 	d := make([]byte, n)
 	tmp := make([]byte, 0, n+h.Size())
 	sc.keepBuf(d)
