@@ -22,6 +22,7 @@ import (
 
 	"github.com/unlockrd/unlockrd/initramfs/host/cliflag"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/adminapi"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store/etcdstore"
 	"github.com/unlockrd/unlockrd/unlock/pin"
@@ -34,6 +35,8 @@ const usage = `usage:
                            [--rate N --burst N] [--host-rate N --host-burst N] [--max-conns N]
                            [--source-fail-rate N --source-fail-burst N] [--fail-rate N --fail-burst N]
                            [--source-max-conns N] [--source-conn-rate N --source-conn-burst N]
+                           [--admin-listen ADDR --admin-ca CA.pem [--admin-cert F --admin-key F]
+                            [--admin-allow-export] [--admin-max-conns N]]
   unlockrd-keyserver init --data DIR                 create key material, print the pin
   unlockrd-keyserver pin --data DIR | --cert F       print the server's pin
   unlockrd-keyserver host add --data DIR [--key-file F|-] NAME   print the new token
@@ -42,6 +45,12 @@ const usage = `usage:
   unlockrd-keyserver host revoke|reinstate --data DIR NAME
   unlockrd-keyserver host token --data DIR NAME      replace the token, print it
   unlockrd-keyserver host key --data DIR [--id ID] [--force] NAME   raw key to stdout
+
+Host commands work on the data folder (--data DIR), or through a server's
+admin API (serve --admin-listen) with --server https://HOST:PORT --cert F
+--key F --ca F (client certificate, its key, and what the server's
+certificate chains to); the output is the same. Through the API, host key
+needs the server's --admin-allow-export.
 
 Every command takes --master-key PATH (or $UNLOCKRD_MASTER_KEY_FILE) to use a
 master key kept outside DIR, and --lock-timeout D. Admin commands work while
@@ -240,6 +249,8 @@ func (e *env) serve(args []string) error {
 	srcConnBurst := fs.Int("source-conn-burst", keyserver.DefaultSourceLimits.Conns.Burst, "burst of new connections per source address")
 	grace := fs.Duration("grace", 10*time.Second, "how long requests in flight may finish on shutdown")
 	maxConns := fs.Int("max-conns", keyserver.DefaultMaxConns, "connections served at once; more wait in the listen queue (0: no limit)")
+	var af adminFlags
+	af.register(fs)
 	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
 		return err
@@ -249,6 +260,9 @@ func (e *env) serve(args []string) error {
 	}
 	if (*certFile == "") != (*keyFile == "") {
 		return fmt.Errorf("%w: --cert and --key go together", cliflag.ErrUsage)
+	}
+	if err := af.check(); err != nil {
+		return err
 	}
 
 	d, err := e.open(&c, true)
@@ -306,11 +320,23 @@ func (e *env) serve(args []string) error {
 	}, logger)
 	ln = keyserver.LimitListener(ln, *maxConns)
 	srv := keyserver.NewHTTPServer(h, cert, log.New(e.stderr, prog+": http: ", log.LstdFlags))
+	admin, err := af.start(e, d, cert)
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("serve: %w", err)
+	}
 	// Printed only once we listen, so whoever starts us can connect as
-	// soon as it has read these lines.
+	// soon as it has read these lines (pin last: starters wait for it).
+	if admin != nil {
+		fmt.Fprintf(e.stdout, "admin: %s\n", admin.ln.Addr())
+		logger.Printf("admin API on https://%s (client certificates from %s, key export %s)",
+			admin.ln.Addr(), af.ca, map[bool]string{true: "allowed", false: "disabled"}[af.allowExport])
+	}
 	fmt.Fprintf(e.stdout, "pin: %s\nlisten: %s\n", p, ln.Addr())
 	logger.Printf("serving %d hosts on https://%s (%s, master key %s)", n, ln.Addr(), d.Where, d.Sealer.ID())
-	err = keyserver.Serve(e.ctx, srv, ln, *grace)
+	err = admin.serveWith(e.ctx, *grace, func(ctx context.Context) error {
+		return keyserver.Serve(ctx, srv, ln, *grace)
+	})
 	logger.Printf("stopped")
 	return err
 }
@@ -382,6 +408,8 @@ func (e *env) host(sub string, args []string) error {
 	finish := fs.Bool("finish", false, "rotate: drop every key but the current one")
 	keyID := fs.String("id", "", "key: print this key instead of the current one")
 	force := fs.Bool("force", false, "key: write even to a terminal")
+	var rf remoteFlags
+	rf.register(fs)
 	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
 		return err
@@ -406,12 +434,11 @@ func (e *env) host(sub string, args []string) error {
 		return fmt.Errorf("%w: unknown host command %q", cliflag.ErrUsage, sub)
 	}
 
-	d, err := e.open(&c, sub == "add")
+	a, done, err := e.ops(&c, &rf, sub == "add")
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	a := d.Admin()
+	defer done()
 	ctx := e.ctx
 	switch sub {
 	case "add":
@@ -422,22 +449,22 @@ func (e *env) host(sub string, args []string) error {
 			}
 			defer clear(key)
 		}
-		token, err := a.AddHost(ctx, name, key)
+		added, err := a.Add(ctx, name, key)
 		if err != nil {
 			return err
 		}
 		// Alone on stdout, so `TOKEN=$(... host add ...)` captures it.
-		fmt.Fprintln(e.stdout, token)
+		fmt.Fprintln(e.stdout, added.Token)
 		fmt.Fprintf(e.stderr, "%s: host %q added; the token above is shown only once\n", prog, name)
 	case "list":
-		hosts, err := d.Store.List(ctx)
+		hosts, err := a.List(ctx)
 		if err != nil {
 			return err
 		}
 		return e.list(hosts, *asJSON)
 	case "rotate":
 		if *finish {
-			dropped, err := a.FinishRotation(ctx, name)
+			dropped, err := a.Finish(ctx, name)
 			if err != nil {
 				return err
 			}
@@ -460,7 +487,7 @@ func (e *env) host(sub string, args []string) error {
 		if sub == "reinstate" {
 			st = store.Active
 		}
-		if err := a.SetState(ctx, name, st); err != nil {
+		if _, err := a.SetState(ctx, name, st); err != nil {
 			return err
 		}
 		fmt.Fprintf(e.stderr, "%s: host %q is %s\n", prog, name, st)
@@ -475,7 +502,7 @@ func (e *env) host(sub string, args []string) error {
 		if f, ok := e.stdout.(interface{ Fd() uintptr }); ok && !*force && term.IsTerminal(int(f.Fd())) {
 			return errors.New("host key: refusing to write a raw key to a terminal (redirect stdout, or --force)")
 		}
-		ids, keys, err := a.Keys(ctx, name)
+		ids, keys, err := a.Export(ctx, name)
 		if err != nil {
 			return err
 		}
@@ -522,22 +549,9 @@ func (e *env) readKeyFile(path string) ([]byte, error) {
 	return key, nil
 }
 
-type listEntry struct {
-	Host    string    `json:"host"`
-	State   string    `json:"state"`
-	Keys    []string  `json:"keys"`
-	Created time.Time `json:"created"`
-	Updated time.Time `json:"updated"`
-}
-
-func (e *env) list(hosts []store.Host, asJSON bool) error {
-	entries := make([]listEntry, 0, len(hosts))
-	for _, h := range hosts {
-		le := listEntry{Host: h.ID, State: string(h.State), Created: h.Created, Updated: h.Updated, Keys: []string{}}
-		for _, k := range h.Keys {
-			le.Keys = append(le.Keys, k.ID)
-		}
-		entries = append(entries, le)
+func (e *env) list(entries []adminapi.HostInfo, asJSON bool) error {
+	if entries == nil {
+		entries = []adminapi.HostInfo{}
 	}
 	if asJSON {
 		enc := json.NewEncoder(e.stdout)
@@ -545,9 +559,16 @@ func (e *env) list(hosts []store.Host, asJSON bool) error {
 		return enc.Encode(entries)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "HOST\tSTATE\tKEYS\tUPDATED")
+	fmt.Fprintln(tw, "HOST\tSTATE\tKEYS\tUPDATED\tLAST SEEN\tFROM")
 	for _, le := range entries {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", le.Host, le.State, strings.Join(le.Keys, ","), le.Updated.Format(time.RFC3339))
+		seen, from := "-", "-"
+		if !le.LastSeen.IsZero() {
+			seen = le.LastSeen.Format(time.RFC3339)
+		}
+		if le.LastSource != "" {
+			from = le.LastSource
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", le.Host, le.State, strings.Join(le.Keys, ","), le.Updated.Format(time.RFC3339), seen, from)
 	}
 	return tw.Flush()
 }

@@ -43,6 +43,12 @@ type Host struct {
 	State     State       `json:"state"`
 	Created   time.Time   `json:"created"`
 	Updated   time.Time   `json:"updated"`
+	// LastSeen and LastSource say when and from which address (its IP,
+	// no port) the host last fetched its keys. The server records them in
+	// batches, never with a store write per key request, so they lag by up
+	// to one batch; zero until the first batch after a fetch.
+	LastSeen   time.Time `json:"last_seen,omitzero"`
+	LastSource string    `json:"last_source,omitempty"`
 	// Version is managed by the store: 1 after Create, +1 on every Update.
 	// It lets callers (and a CAS-based store) detect concurrent changes.
 	Version uint64 `json:"version"`
