@@ -545,3 +545,103 @@ func TestExportWhenAllowed(t *testing.T) {
 		}
 	}
 }
+
+// run runs the binary; it returns stdout, stderr and the exit code.
+func (s *server) run(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	cmd := exec.Command(s.bin, args...)
+	cmd.Env = append(os.Environ(), "UNLOCKRD_MASTER_KEY_FILE=")
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return out.String(), errb.String(), code
+}
+
+// TestCLIThroughAPI runs every host command once on the data folder and
+// once through the admin API, on two hosts, and wants the same output
+// (host name and token masked) and the same exit status.
+func TestCLIThroughAPI(t *testing.T) {
+	f := newFixture(t, "--admin-allow-export")
+	local := []string{"--data", f.data}
+	remote := []string{"--server", f.admin, "--cert", f.good.CertFile, "--key", f.good.KeyFile, "--ca", f.caFile()}
+	keyFile := filepath.Join(t.TempDir(), "key")
+	if err := os.WriteFile(keyFile, []byte("an imported passphrase"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	token := func(s string) bool { return len(s) == 43 && !strings.ContainsAny(s, " \t+/=") }
+	mask := func(s, host string) string {
+		s = strings.ReplaceAll(s, host, "HOST")
+		var out []string
+		for _, l := range strings.Split(s, "\n") {
+			if token(l) {
+				l = "TOKEN"
+			}
+			out = append(out, l)
+		}
+		return strings.Join(out, "\n")
+	}
+	steps := [][]string{
+		{"host", "add", "NAME"},
+		{"host", "add", "NAME"}, // exists
+		{"host", "add", "--key-file", keyFile, "NAME-imported"},
+		{"host", "rotate", "NAME"},
+		{"host", "rotate", "NAME"}, // rotation open
+		{"host", "rotate", "--finish", "NAME"},
+		{"host", "rotate", "--finish", "NAME"}, // none open
+		{"host", "revoke", "NAME"},
+		{"host", "reinstate", "NAME"},
+		{"host", "token", "NAME"},
+		{"host", "key", "NAME-imported"},
+		{"host", "rotate", "NAME-missing"},
+		{"host", "revoke", "bad/name"},
+	}
+	for _, st := range steps {
+		var outs [2][3]string
+		for i, mode := range [][]string{local, remote} {
+			name := []string{"viadata", "viaapi"}[i]
+			args := append([]string{}, st[:2]...)
+			args = append(args, mode...)
+			for _, a := range st[2:] {
+				args = append(args, strings.ReplaceAll(a, "NAME", name))
+			}
+			o, e, code := f.run(t, args...)
+			outs[i] = [3]string{mask(o, name), mask(e, name), fmt.Sprint(code)}
+		}
+		if outs[0] != outs[1] {
+			t.Errorf("%v: local and remote differ:\nlocal:  %q\nremote: %q", st, outs[0], outs[1])
+		} else {
+			t.Logf("%v: exit %s, %q %q", st, outs[0][2], outs[0][0], outs[0][1])
+		}
+	}
+	// Same store, same listing, whichever way it is read.
+	for _, js := range [][]string{nil, {"--json"}} {
+		lo, _, _ := f.run(t, append(append([]string{"host", "list"}, local...), js...)...)
+		ro, re, _ := f.run(t, append(append([]string{"host", "list"}, remote...), js...)...)
+		if lo != ro || !strings.Contains(lo, "viaapi-imported") {
+			t.Errorf("host list %v: local\n%s\nremote\n%s%s", js, lo, ro, re)
+		}
+	}
+	// The imported key comes back out, as enrolled.
+	if o, _, _ := f.run(t, append(append([]string{"host", "key"}, remote...), "viaapi-imported")...); o != "an imported passphrase" {
+		t.Errorf("host key through the API = %q", o)
+	}
+	// Refusals: wrong client certificate (exit 1, the TLS error shown),
+	// --server with --data (usage).
+	foreign := []string{"--server", f.admin, "--cert", f.foreign.CertFile, "--key", f.foreign.KeyFile, "--ca", f.caFile()}
+	if _, e, code := f.run(t, append([]string{"host", "list"}, foreign...)...); code != 1 || !strings.Contains(e, "tls") {
+		t.Errorf("foreign client: exit %d %s", code, e)
+	}
+	if _, e, code := f.run(t, append(append([]string{"host", "list"}, remote...), local...)...); code != 2 || !strings.Contains(e, "--server and --data") {
+		t.Errorf("--server with --data: exit %d %s", code, e)
+	}
+	f.waitEvent(t, "the CLI's foreign client", func(ev adminapi.Event) bool {
+		return ev.Outcome == adminapi.OutcomeRefused && ev.Who == f.foreign.Subject
+	})
+}
