@@ -87,8 +87,8 @@ func NewClient(server, certFile, keyFile, caFile string) (*Client, error) {
 			},
 			Transport: &http.Transport{
 				TLSClientConfig: &tls.Config{
-					MinVersion:   tls.VersionTLS12,
-					RootCAs:      roots,
+					MinVersion: tls.VersionTLS12,
+					RootCAs:    roots,
 					// Sent even when the server names other CAs, so a
 					// client with the wrong certificate shows up by name
 					// in the server's audit instead of as "no certificate".
