@@ -3,12 +3,10 @@ package cli
 import (
 	"context"
 	"crypto/tls"
-	"errors"
 	"flag"
 	"fmt"
 	"log"
 	"net"
-	"net/http"
 	"time"
 
 	"github.com/unlockrd/unlockrd/initramfs/host/cliflag"
@@ -45,17 +43,13 @@ func (af *adminFlags) check() error {
 	return nil
 }
 
-// adminServer is the running admin listener; nil when off.
-type adminServer struct {
-	srv *http.Server
-	ln  net.Listener
-}
-
-// start opens the admin listener (nil if --admin-listen is not set).
-// cert is the key server's certificate, used unless --admin-cert is given.
-func (af *adminFlags) start(e *env, d *keyserver.Data, cert tls.Certificate) (*adminServer, error) {
+// start opens the admin listener if --admin-listen is set and serves it
+// until the returned stop is called (it waits for the server to end, up
+// to grace). cert is the key server's certificate, used unless
+// --admin-cert is given.
+func (af *adminFlags) start(e *env, d *keyserver.Data, cert tls.Certificate, logger *log.Logger, grace time.Duration) (stop func(), err error) {
 	if af.listen == "" {
-		return nil, nil
+		return func() {}, nil
 	}
 	cas, err := adminapi.LoadCAs(af.ca)
 	if err != nil {
@@ -81,31 +75,24 @@ func (af *adminFlags) start(e *env, d *keyserver.Data, cert tls.Certificate) (*a
 	}
 	ln, err := net.Listen("tcp", af.listen)
 	if err != nil {
-		return nil, fmt.Errorf("admin listener: %w", err)
+		return nil, fmt.Errorf("--admin-listen: %w", err)
 	}
-	return &adminServer{srv: srv, ln: keyserver.LimitListener(ln, af.maxConns)}, nil
-}
-
-// serveWith runs the admin server next to run (the key server) until ctx
-// ends or either stops; then both stop.
-func (a *adminServer) serveWith(ctx context.Context, grace time.Duration, run func(context.Context) error) error {
-	if a == nil {
-		return run(ctx)
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errc := make(chan error, 1)
+	ln = keyserver.LimitListener(ln, af.maxConns)
+	ctx, cancel := context.WithCancel(e.ctx)
+	done := make(chan struct{})
 	go func() {
-		err := keyserver.Serve(ctx, a.srv, a.ln, grace)
-		cancel()
-		if err != nil {
-			err = fmt.Errorf("admin API: %w", err)
+		defer close(done)
+		if err := keyserver.Serve(ctx, srv, ln, grace); err != nil {
+			logger.Printf("admin API: %v", err)
 		}
-		errc <- err
 	}()
-	err := run(ctx)
-	cancel()
-	return errors.Join(err, <-errc)
+	fmt.Fprintf(e.stdout, "admin: %s\n", ln.Addr())
+	export := "disabled"
+	if af.allowExport {
+		export = "allowed"
+	}
+	logger.Printf("admin API on https://%s (client certificates from %s, key export %s)", ln.Addr(), af.ca, export)
+	return func() { cancel(); <-done }, nil
 }
 
 // remoteFlags let host commands go through a server's admin API.

@@ -35,8 +35,6 @@ const usage = `usage:
                            [--rate N --burst N] [--host-rate N --host-burst N] [--max-conns N]
                            [--source-fail-rate N --source-fail-burst N] [--fail-rate N --fail-burst N]
                            [--source-max-conns N] [--source-conn-rate N --source-conn-burst N]
-                           [--admin-listen ADDR --admin-ca CA.pem [--admin-cert F --admin-key F]
-                            [--admin-allow-export] [--admin-max-conns N]]
   unlockrd-keyserver init --data DIR                 create key material, print the pin
   unlockrd-keyserver pin --data DIR | --cert F       print the server's pin
   unlockrd-keyserver host add --data DIR [--key-file F|-] NAME   print the new token
@@ -45,6 +43,10 @@ const usage = `usage:
   unlockrd-keyserver host revoke|reinstate --data DIR NAME
   unlockrd-keyserver host token --data DIR NAME      replace the token, print it
   unlockrd-keyserver host key --data DIR [--id ID] [--force] NAME   raw key to stdout
+
+serve --admin-listen ADDR --admin-ca CA.pem [--admin-cert F --admin-key F]
+[--admin-allow-export] [--admin-max-conns N] opens the admin API: HTTPS for
+clients with a certificate from CA.pem, on its own listener.
 
 Host commands work on the data folder (--data DIR), or through a server's
 admin API (serve --admin-listen) with --server https://HOST:PORT --cert F
@@ -236,6 +238,8 @@ func (e *env) serve(args []string) error {
 	keyFile := fs.String("key", "", "TLS private key (PEM) for --cert")
 	var sans cliflag.Multi
 	fs.Var(&sans, "san", "extra name or address for the generated certificate (repeatable)")
+	var af adminFlags
+	af.register(fs)
 	rateF := fs.Float64("rate", keyserver.DefaultGlobalLimit.PerSecond, "key requests per second, all hosts (0: no limit)")
 	burst := fs.Int("burst", keyserver.DefaultGlobalLimit.Burst, "burst of key requests, all hosts")
 	hostRate := fs.Float64("host-rate", keyserver.DefaultHostLimit.PerSecond, "key requests per second per host (0: no limit)")
@@ -249,10 +253,11 @@ func (e *env) serve(args []string) error {
 	srcConnBurst := fs.Int("source-conn-burst", keyserver.DefaultSourceLimits.Conns.Burst, "burst of new connections per source address")
 	grace := fs.Duration("grace", 10*time.Second, "how long requests in flight may finish on shutdown")
 	maxConns := fs.Int("max-conns", keyserver.DefaultMaxConns, "connections served at once; more wait in the listen queue (0: no limit)")
-	var af adminFlags
-	af.register(fs)
 	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
+		return err
+	}
+	if err := af.check(); err != nil {
 		return err
 	}
 	if len(pos) != 0 {
@@ -260,9 +265,6 @@ func (e *env) serve(args []string) error {
 	}
 	if (*certFile == "") != (*keyFile == "") {
 		return fmt.Errorf("%w: --cert and --key go together", cliflag.ErrUsage)
-	}
-	if err := af.check(); err != nil {
-		return err
 	}
 
 	d, err := e.open(&c, true)
@@ -308,6 +310,14 @@ func (e *env) serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	// The admin API runs until serve returns; it prints "admin: ADDR"
+	// before the pin, which starters wait for.
+	stopAdmin, err := af.start(e, d, cert, logger, *grace)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	defer stopAdmin()
+
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
@@ -320,23 +330,11 @@ func (e *env) serve(args []string) error {
 	}, logger)
 	ln = keyserver.LimitListener(ln, *maxConns)
 	srv := keyserver.NewHTTPServer(h, cert, log.New(e.stderr, prog+": http: ", log.LstdFlags))
-	admin, err := af.start(e, d, cert)
-	if err != nil {
-		ln.Close()
-		return fmt.Errorf("serve: %w", err)
-	}
 	// Printed only once we listen, so whoever starts us can connect as
-	// soon as it has read these lines (pin last: starters wait for it).
-	if admin != nil {
-		fmt.Fprintf(e.stdout, "admin: %s\n", admin.ln.Addr())
-		logger.Printf("admin API on https://%s (client certificates from %s, key export %s)",
-			admin.ln.Addr(), af.ca, map[bool]string{true: "allowed", false: "disabled"}[af.allowExport])
-	}
+	// soon as it has read these lines.
 	fmt.Fprintf(e.stdout, "pin: %s\nlisten: %s\n", p, ln.Addr())
 	logger.Printf("serving %d hosts on https://%s (%s, master key %s)", n, ln.Addr(), d.Where, d.Sealer.ID())
-	err = admin.serveWith(e.ctx, *grace, func(ctx context.Context) error {
-		return keyserver.Serve(ctx, srv, ln, *grace)
-	})
+	err = keyserver.Serve(e.ctx, srv, ln, *grace)
 	logger.Printf("stopped")
 	return err
 }
