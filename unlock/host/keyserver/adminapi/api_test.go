@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -643,5 +644,63 @@ func TestCLIThroughAPI(t *testing.T) {
 	}
 	f.waitEvent(t, "the CLI's foreign client", func(ev adminapi.Event) bool {
 		return ev.Outcome == adminapi.OutcomeRefused && ev.Who == f.foreign.Subject
+	})
+}
+
+// TestSlowClientsCutOff: a connection that never completes a handshake,
+// and a client with a good certificate that never finishes its headers,
+// are closed by the admin listener's timeouts and audited.
+func TestSlowClientsCutOff(t *testing.T) {
+	f := newFixture(t)
+	u := strings.TrimPrefix(f.admin, "https://")
+	cert, err := tls.LoadX509KeyPair(f.good.CertFile, f.good.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		name string
+		took time.Duration
+		err  error
+	}
+	res := make(chan result, 2)
+	// Plain TCP, no TLS at all.
+	go func() {
+		c, err := net.Dial("tcp", u)
+		if err != nil {
+			res <- result{"idle", 0, err}
+			return
+		}
+		defer c.Close()
+		start := time.Now()
+		c.SetReadDeadline(time.Now().Add(time.Minute))
+		_, err = io.ReadAll(c)
+		res <- result{"idle", time.Since(start), err}
+	}()
+	// TLS with the good certificate, headers never finished.
+	go func() {
+		c, err := tls.Dial("tcp", u, &tls.Config{InsecureSkipVerify: true, Certificates: []tls.Certificate{cert}})
+		if err != nil {
+			res <- result{"slow headers", 0, err}
+			return
+		}
+		defer c.Close()
+		start := time.Now()
+		io.WriteString(c, "GET /v1/hosts HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+		c.SetReadDeadline(time.Now().Add(time.Minute))
+		_, err = io.ReadAll(c)
+		res <- result{"slow headers", time.Since(start), err}
+	}()
+	for range 2 {
+		r := <-res
+		// Cut at ReadHeaderTimeout; well under the client's own minute.
+		if r.err != nil || r.took < adminapi.ReadHeaderTimeout-time.Second || r.took > 3*adminapi.ReadHeaderTimeout {
+			t.Errorf("%s: closed after %v (err %v), want about %v", r.name, r.took, r.err, adminapi.ReadHeaderTimeout)
+		} else {
+			t.Logf("%s: closed by the server after %v", r.name, r.took.Round(time.Millisecond))
+		}
+	}
+	f.waitEvent(t, "idle connection", func(ev adminapi.Event) bool { return ev.Outcome == adminapi.OutcomeHandshake })
+	f.waitEvent(t, "slow headers", func(ev adminapi.Event) bool {
+		return ev.Outcome == adminapi.OutcomeBadRequest && ev.Action == "connect" && ev.Who == f.good.Subject
 	})
 }
