@@ -308,9 +308,12 @@ func TestRefusedAtHandshakeAndAudited(t *testing.T) {
 			t.Fatalf("good client: %s", resp.Status)
 		}
 	}
-	f.waitEvent(t, "good list", func(ev adminapi.Event) bool {
+	ev := f.waitEvent(t, "good list", func(ev adminapi.Event) bool {
 		return ev.Action == "list" && ev.Who == f.good.Subject && ev.Outcome == "ok" && ev.Status == 200
 	})
+	if want := certSum(t, f.good.CertFile); ev.Cert != want {
+		t.Errorf("audit cert = %q, want %q", ev.Cert, want)
+	}
 	// The boot-facing port takes no admin calls.
 	resp, err = keyserver.PinnedClient(f.pin).Get(f.keys + adminapi.HostsPath)
 	if err != nil {
@@ -703,4 +706,17 @@ func TestSlowClientsCutOff(t *testing.T) {
 	f.waitEvent(t, "slow headers", func(ev adminapi.Event) bool {
 		return ev.Outcome == adminapi.OutcomeBadRequest && ev.Action == "connect" && ev.Who == f.good.Subject
 	})
+}
+
+// certSum is the audit's fingerprint of a PEM certificate file, computed
+// with openssl (an outside oracle).
+func certSum(t *testing.T, file string) string {
+	t.Helper()
+	out, err := exec.Command("openssl", "x509", "-in", file, "-noout", "-fingerprint", "-sha256").Output()
+	if err != nil {
+		t.Fatalf("openssl: %v", err)
+	}
+	_, hexs, _ := strings.Cut(strings.TrimSpace(string(out)), "=")
+	hexs = strings.ToLower(strings.ReplaceAll(hexs, ":", ""))
+	return hexs[:32]
 }

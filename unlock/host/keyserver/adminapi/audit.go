@@ -1,7 +1,9 @@
 package adminapi
 
 import (
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"time"
 )
 
@@ -31,7 +33,10 @@ type Event struct {
 	Remote string    `json:"remote"`
 	// Who is the verified client certificate's subject; for a refused
 	// handshake, the subject the client presented, if any (unverified).
-	Who        string   `json:"who,omitempty"`
+	Who string `json:"who,omitempty"`
+	// Cert is the SHA-256 of that certificate (hex, first 16 bytes): two
+	// certificates may share a subject.
+	Cert       string   `json:"cert,omitempty"`
 	Issuer     string   `json:"issuer,omitempty"` // set on refusals, to see which CA the client came from
 	Method     string   `json:"method,omitempty"`
 	Path       string   `json:"path,omitempty"` // escaped, truncated; never the query
@@ -51,4 +56,13 @@ func subject(c *x509.Certificate) string {
 		return ""
 	}
 	return c.Subject.String()
+}
+
+// fingerprint identifies a certificate for the audit.
+func fingerprint(c *x509.Certificate) string {
+	if c == nil {
+		return ""
+	}
+	sum := sha256.Sum256(c.Raw)
+	return hex.EncodeToString(sum[:16])
 }

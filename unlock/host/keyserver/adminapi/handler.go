@@ -131,7 +131,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ev.Path = ev.Path[:maxAuditPath] + "..."
 	}
 	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
-		ev.Who = subject(r.TLS.PeerCertificates[0])
+		ev.Who, ev.Cert = subject(r.TLS.PeerCertificates[0]), fingerprint(r.TLS.PeerCertificates[0])
 	}
 	hdr := w.Header()
 	hdr.Set("Cache-Control", "no-store")

@@ -153,7 +153,7 @@ func (cs *conns) verify(remote string, st tls.ConnectionState, roots *x509.CertP
 		ev := Event{Time: cs.h.now().UTC(), Kind: EventKind, Remote: remote, Action: "connect",
 			Outcome: OutcomeRefused, Reason: err.Error()}
 		if leaf != nil {
-			ev.Who, ev.Issuer = subject(leaf), leaf.Issuer.String()
+			ev.Who, ev.Cert, ev.Issuer = subject(leaf), fingerprint(leaf), leaf.Issuer.String()
 		}
 		cs.h.Audit(ev)
 	}
@@ -199,7 +199,7 @@ func (cs *conns) connState(c net.Conn, st http.ConnState) {
 			ev.Outcome, ev.Reason = OutcomeBadRequest, "request rejected by the HTTP layer: malformed, headers over the size limit, or incomplete"
 			if tc, ok := c.(*tls.Conn); ok {
 				if pc := tc.ConnectionState().PeerCertificates; len(pc) > 0 {
-					ev.Who = subject(pc[0])
+					ev.Who, ev.Cert = subject(pc[0]), fingerprint(pc[0])
 				}
 			}
 		} else {
