@@ -1,6 +1,7 @@
 package adminapi
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -141,7 +142,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if aerr != nil {
 		status, ev.Outcome = aerr.status, aerr.outcome
 		if aerr.status < 500 {
-			ev.Reason = aerr.body.Error
+			ev.Reason = truncate(aerr.body.Error)
 		} else if aerr.err != nil {
 			ev.Error = aerr.err.Error()
 		}
@@ -165,6 +166,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// maxReason bounds a reason in the audit: it may quote the request (an
+// unknown field's name).
+const maxReason = 256
+
+func truncate(s string) string {
+	if len(s) > maxReason {
+		return s[:maxReason] + "..."
+	}
+	return s
+}
+
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	b, err := json.Marshal(v)
 	if err != nil {
@@ -174,7 +186,8 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	defer clear(b) // an export's keys are in it
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)
-	w.Write(append(b, '\n'))
+	w.Write(b) // not append(b, '\n'): a grown copy would escape the clear
+	w.Write([]byte{'\n'})
 }
 
 // route runs the call r asks for and returns the status and answer, or
@@ -318,8 +331,7 @@ func noBody(w http.ResponseWriter, r *http.Request) *apiError {
 	if err != nil {
 		return bodyErr(err)
 	}
-	s := strings.TrimSpace(string(b))
-	if s == "" {
+	if len(bytes.TrimSpace(b)) == 0 {
 		return nil
 	}
 	var m map[string]json.RawMessage
@@ -345,15 +357,18 @@ func (h *Handler) add(ctx context.Context, w http.ResponseWriter, r *http.Reques
 		return 0, nil, bodyErr(err)
 	}
 	var req AddRequest
-	dec := json.NewDecoder(strings.NewReader(string(body)))
+	dec := json.NewDecoder(bytes.NewReader(body))
 	dec.DisallowUnknownFields()
 	err = dec.Decode(&req)
 	defer clear(req.Key)
 	if err != nil {
 		return 0, nil, badField(jsonField(err), "", "request body: "+jsonMessage(err))
 	}
+	if dec.More() {
+		return 0, nil, badField("", "", "request body: more than one JSON value")
+	}
 	if err := keyserver.ValidHostID(req.Host); err != nil {
-		return 0, nil, badField("host", req.Host, "host: "+err.Error())
+		return 0, nil, badField("host", "", "host: "+err.Error())
 	}
 	ev.Host = req.Host
 	var key []byte
