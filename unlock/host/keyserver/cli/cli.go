@@ -289,7 +289,7 @@ func (e *env) serve(args []string) error {
 		if cert, err = keyserver.LoadKeyPair(*certFile, *keyFile); err != nil {
 			return fmt.Errorf("serve: TLS certificate %s / key %s: %w", *certFile, *keyFile, err)
 		}
-	} else if cert, _, err = d.TLS(append(listenSANs(*listen), sans...), true); err != nil {
+	} else if cert, _, err = d.TLS(append(append(listenSANs(*listen), listenSANs(af.listen)...), sans...), true); err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
 	p, err := keyserver.PinOf(cert)
