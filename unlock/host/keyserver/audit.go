@@ -43,9 +43,13 @@ type AuditEvent struct {
 // JSONAudit returns an audit sink writing one JSON object per line to w.
 // Lines are written whole, one at a time, so concurrent requests can't
 // interleave them.
-func JSONAudit(w io.Writer) func(AuditEvent) {
+func JSONAudit(w io.Writer) func(AuditEvent) { return JSONLines[AuditEvent](w) }
+
+// JSONLines returns a sink writing each value as one JSON line to w, whole
+// and one at a time (JSONAudit's writer, for other audit event types).
+func JSONLines[T any](w io.Writer) func(T) {
 	var mu sync.Mutex
-	return func(ev AuditEvent) {
+	return func(ev T) {
 		b, err := json.Marshal(ev)
 		if err != nil {
 			return

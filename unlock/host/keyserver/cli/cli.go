@@ -22,6 +22,7 @@ import (
 
 	"github.com/unlockrd/unlockrd/initramfs/host/cliflag"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/adminapi"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store/etcdstore"
 	"github.com/unlockrd/unlockrd/unlock/pin"
@@ -42,6 +43,16 @@ const usage = `usage:
   unlockrd-keyserver host revoke|reinstate --data DIR NAME
   unlockrd-keyserver host token --data DIR NAME      replace the token, print it
   unlockrd-keyserver host key --data DIR [--id ID] [--force] NAME   raw key to stdout
+
+serve --admin-listen ADDR --admin-ca CA.pem [--admin-cert F --admin-key F]
+[--admin-allow-export] [--admin-max-conns N] opens the admin API: HTTPS for
+clients with a certificate from CA.pem, on its own listener.
+
+Host commands work on the data folder (--data DIR), or through a server's
+admin API (serve --admin-listen) with --server https://HOST:PORT --cert F
+--key F --ca F (client certificate, its key, and what the server's
+certificate chains to); the output is the same. Through the API, host key
+needs the server's --admin-allow-export.
 
 Every command takes --master-key PATH (or $UNLOCKRD_MASTER_KEY_FILE) to use a
 master key kept outside DIR, and --lock-timeout D. Admin commands work while
@@ -227,6 +238,8 @@ func (e *env) serve(args []string) error {
 	keyFile := fs.String("key", "", "TLS private key (PEM) for --cert")
 	var sans cliflag.Multi
 	fs.Var(&sans, "san", "extra name or address for the generated certificate (repeatable)")
+	var af adminFlags
+	af.register(fs)
 	rateF := fs.Float64("rate", keyserver.DefaultGlobalLimit.PerSecond, "key requests per second, all hosts (0: no limit)")
 	burst := fs.Int("burst", keyserver.DefaultGlobalLimit.Burst, "burst of key requests, all hosts")
 	hostRate := fs.Float64("host-rate", keyserver.DefaultHostLimit.PerSecond, "key requests per second per host (0: no limit)")
@@ -242,6 +255,9 @@ func (e *env) serve(args []string) error {
 	maxConns := fs.Int("max-conns", keyserver.DefaultMaxConns, "connections served at once; more wait in the listen queue (0: no limit)")
 	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
+		return err
+	}
+	if err := af.check(); err != nil {
 		return err
 	}
 	if len(pos) != 0 {
@@ -273,7 +289,7 @@ func (e *env) serve(args []string) error {
 		if cert, err = keyserver.LoadKeyPair(*certFile, *keyFile); err != nil {
 			return fmt.Errorf("serve: TLS certificate %s / key %s: %w", *certFile, *keyFile, err)
 		}
-	} else if cert, _, err = d.TLS(append(listenSANs(*listen), sans...), true); err != nil {
+	} else if cert, _, err = d.TLS(append(append(listenSANs(*listen), listenSANs(af.listen)...), sans...), true); err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
 	p, err := keyserver.PinOf(cert)
@@ -294,6 +310,14 @@ func (e *env) serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	// The admin API runs until serve returns; it prints "admin: ADDR"
+	// before the pin, which starters wait for.
+	stopAdmin, err := af.start(e, d, cert, logger, *grace)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	defer stopAdmin()
+
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
@@ -382,6 +406,8 @@ func (e *env) host(sub string, args []string) error {
 	finish := fs.Bool("finish", false, "rotate: drop every key but the current one")
 	keyID := fs.String("id", "", "key: print this key instead of the current one")
 	force := fs.Bool("force", false, "key: write even to a terminal")
+	var rf remoteFlags
+	rf.register(fs)
 	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
 		return err
@@ -406,12 +432,11 @@ func (e *env) host(sub string, args []string) error {
 		return fmt.Errorf("%w: unknown host command %q", cliflag.ErrUsage, sub)
 	}
 
-	d, err := e.open(&c, sub == "add")
+	a, done, err := e.ops(&c, &rf, sub == "add")
 	if err != nil {
 		return err
 	}
-	defer d.Close()
-	a := d.Admin()
+	defer done()
 	ctx := e.ctx
 	switch sub {
 	case "add":
@@ -422,22 +447,22 @@ func (e *env) host(sub string, args []string) error {
 			}
 			defer clear(key)
 		}
-		token, err := a.AddHost(ctx, name, key)
+		added, err := a.Add(ctx, name, key)
 		if err != nil {
 			return err
 		}
 		// Alone on stdout, so `TOKEN=$(... host add ...)` captures it.
-		fmt.Fprintln(e.stdout, token)
+		fmt.Fprintln(e.stdout, added.Token)
 		fmt.Fprintf(e.stderr, "%s: host %q added; the token above is shown only once\n", prog, name)
 	case "list":
-		hosts, err := d.Store.List(ctx)
+		hosts, err := a.List(ctx)
 		if err != nil {
 			return err
 		}
 		return e.list(hosts, *asJSON)
 	case "rotate":
 		if *finish {
-			dropped, err := a.FinishRotation(ctx, name)
+			dropped, err := a.Finish(ctx, name)
 			if err != nil {
 				return err
 			}
@@ -460,7 +485,7 @@ func (e *env) host(sub string, args []string) error {
 		if sub == "reinstate" {
 			st = store.Active
 		}
-		if err := a.SetState(ctx, name, st); err != nil {
+		if _, err := a.SetState(ctx, name, st); err != nil {
 			return err
 		}
 		fmt.Fprintf(e.stderr, "%s: host %q is %s\n", prog, name, st)
@@ -475,7 +500,7 @@ func (e *env) host(sub string, args []string) error {
 		if f, ok := e.stdout.(interface{ Fd() uintptr }); ok && !*force && term.IsTerminal(int(f.Fd())) {
 			return errors.New("host key: refusing to write a raw key to a terminal (redirect stdout, or --force)")
 		}
-		ids, keys, err := a.Keys(ctx, name)
+		ids, keys, err := a.Export(ctx, name)
 		if err != nil {
 			return err
 		}
@@ -522,22 +547,9 @@ func (e *env) readKeyFile(path string) ([]byte, error) {
 	return key, nil
 }
 
-type listEntry struct {
-	Host    string    `json:"host"`
-	State   string    `json:"state"`
-	Keys    []string  `json:"keys"`
-	Created time.Time `json:"created"`
-	Updated time.Time `json:"updated"`
-}
-
-func (e *env) list(hosts []store.Host, asJSON bool) error {
-	entries := make([]listEntry, 0, len(hosts))
-	for _, h := range hosts {
-		le := listEntry{Host: h.ID, State: string(h.State), Created: h.Created, Updated: h.Updated, Keys: []string{}}
-		for _, k := range h.Keys {
-			le.Keys = append(le.Keys, k.ID)
-		}
-		entries = append(entries, le)
+func (e *env) list(entries []adminapi.HostInfo, asJSON bool) error {
+	if entries == nil {
+		entries = []adminapi.HostInfo{}
 	}
 	if asJSON {
 		enc := json.NewEncoder(e.stdout)
@@ -545,9 +557,16 @@ func (e *env) list(hosts []store.Host, asJSON bool) error {
 		return enc.Encode(entries)
 	}
 	tw := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "HOST\tSTATE\tKEYS\tUPDATED")
+	fmt.Fprintln(tw, "HOST\tSTATE\tKEYS\tUPDATED\tLAST SEEN\tFROM")
 	for _, le := range entries {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", le.Host, le.State, strings.Join(le.Keys, ","), le.Updated.Format(time.RFC3339))
+		seen, from := "-", "-"
+		if !le.LastSeen.IsZero() {
+			seen = le.LastSeen.Format(time.RFC3339)
+		}
+		if le.LastSource != "" {
+			from = le.LastSource
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", le.Host, le.State, strings.Join(le.Keys, ","), le.Updated.Format(time.RFC3339), seen, from)
 	}
 	return tw.Flush()
 }
