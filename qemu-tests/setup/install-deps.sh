@@ -6,7 +6,9 @@ pkgs=(debian-archive-keyring qemu-system-x86 qemu-utils cryptsetup-bin e2fsprogs
 	# unlock/blank's tests make every format these can make on a file
 	# (hfsprogs is not in Debian 12: hfs/hfs+ are not tested with real images).
 	util-linux util-linux-extra xfsprogs btrfs-progs dosfstools exfatprogs ntfs-3g f2fs-tools jfsutils
-	reiserfsprogs nilfs-tools erofs-utils squashfs-tools)
+	reiserfsprogs nilfs-tools erofs-utils squashfs-tools
+	# The key server's PKCS#11 master key is tested against a real token.
+	softhsm2 opensc)
 [ "$#" -gt 0 ] && pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do

@@ -96,12 +96,14 @@ func mustRun(t *testing.T, stdin []byte, args ...string) []byte {
 
 // server is a running `serve`.
 type server struct {
-	cmd    *exec.Cmd
-	pin    pin.Pin
-	addr   string
-	mu     sync.Mutex
-	stderr bytes.Buffer
-	done   chan error
+	cmd  *exec.Cmd
+	pin  pin.Pin
+	addr string
+	// metrics is the --metrics-listen address serve printed, if any.
+	metrics string
+	mu      sync.Mutex
+	stderr  bytes.Buffer
+	done    chan error
 }
 
 func (s *server) Stderr() string {
@@ -158,6 +160,8 @@ func startServer(t *testing.T, args ...string) *server {
 				}
 			} else if v, ok := strings.CutPrefix(l, "listen: "); ok {
 				s.addr = v
+			} else if v, ok := strings.CutPrefix(l, "metrics: "); ok {
+				s.metrics = v
 			} else {
 				t.Fatalf("unexpected stdout line %q", l)
 			}

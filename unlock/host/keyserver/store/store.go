@@ -43,6 +43,12 @@ type Host struct {
 	State     State       `json:"state"`
 	Created   time.Time   `json:"created"`
 	Updated   time.Time   `json:"updated"`
+	// LastSeen and LastSource are when and from which address (no port)
+	// the host last got its keys. The server batches them (see
+	// keyserver.LastSeen), so they lag by up to one flush interval and an
+	// Update that sets them leaves Updated alone.
+	LastSeen   time.Time `json:"last_seen,omitzero"`
+	LastSource string    `json:"last_source,omitempty"`
 	// Version is managed by the store: 1 after Create, +1 on every Update.
 	// It lets callers (and a CAS-based store) detect concurrent changes.
 	Version uint64 `json:"version"`
