@@ -49,7 +49,9 @@ const usage = `usage:
   unlockrd-keyserver host key --data DIR [--id ID] [--force] NAME   raw key to stdout
 
 Every command takes --master-key PATH (or $UNLOCKRD_MASTER_KEY_FILE) to use a
-master key kept outside DIR, and --lock-timeout D. Admin commands work while
+master key kept outside DIR, or a key in a PKCS#11 token (HSM) named by an
+RFC 7512 URI: --master-key 'pkcs11:token=T;object=O?module-path=LIB&pin-source=F'
+(init creates the token key), and --lock-timeout D. Admin commands work while
 serve runs on the same DIR.
 
 Host records live in DIR/hosts.db, or with --store etcd in an etcd cluster
@@ -128,7 +130,7 @@ func (e *env) flags(name string, c *common) *flag.FlagSet {
 	// Usage errors carry their message; Main prints it with the usage.
 	fs := cliflag.NewFlagSet(name, io.Discard)
 	fs.StringVar(&c.data, "data", "", "data folder")
-	fs.StringVar(&c.masterKey, "master-key", e.getenv(keyserver.MasterKeyEnv), "master key file (default DIR/master.key)")
+	fs.StringVar(&c.masterKey, "master-key", e.getenv(keyserver.MasterKeyEnv), "master key file (default DIR/master.key), or pkcs11:token=T;object=O?module-path=LIB&pin-source=F")
 	fs.DurationVar(&c.lockTimeout, "lock-timeout", 10*time.Second, "how long to wait for the data file's lock, or for etcd")
 	fs.StringVar(&c.storeKind, "store", "bolt", "where host records live: bolt (DIR/hosts.db) or etcd")
 	fs.StringVar(&c.etcd.endpoints, "etcd-endpoints", "", "etcd client URLs, comma-separated (--store etcd)")

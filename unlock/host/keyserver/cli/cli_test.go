@@ -47,7 +47,8 @@ func binary(t *testing.T) string {
 		}
 		binPath = filepath.Join(dir, "unlockrd-keyserver")
 		cmd := exec.Command(goBin, "build", "-o", binPath, "github.com/unlockrd/unlockrd/cmd/unlockrd-keyserver")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		// As the Makefile builds it: with cgo, for PKCS#11 modules.
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}
