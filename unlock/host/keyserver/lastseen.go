@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -17,10 +18,11 @@ const DefaultLastSeenInterval = 10 * time.Second
 
 // LastSeen records when each host last got its keys, and from where,
 // without a store write per request: a key request only updates a map
-// in memory; Flush (every interval, from Run) writes each host seen
-// since the last flush with one store.Update. A fleet booting at once
-// then costs one write per host per interval, not one per request, and
-// key serving keeps the throughput the bench measures.
+// in memory; Flush (every interval, from Run) writes every host seen
+// since the last flush in one store.UpdateEach. A fleet booting at once
+// then costs one write per interval (bbolt) or per host per interval
+// (etcd), not one per request, and key serving keeps the throughput the
+// bench measures.
 type LastSeen struct {
 	st  store.Store
 	log ulog.Logger
@@ -71,38 +73,43 @@ func addrOnly(remote string) string {
 
 var errNotNewer = errors.New("recorded last-seen is newer")
 
-// Flush writes every pending host. A host whose record already says it
-// was seen later (another replica flushed first) is left alone; a host
-// deleted meanwhile is dropped. Hosts whose write failed are kept for the
-// next flush, and the first error is returned.
+// Flush writes every pending host in one store.UpdateEach (one
+// transaction for bbolt). A host whose record already says it was seen
+// later (another replica flushed first) is left alone; a host deleted
+// meanwhile is dropped. If the write fails, the batch is kept for the
+// next flush.
 func (l *LastSeen) Flush(ctx context.Context) error {
 	l.mu.Lock()
 	batch := l.pending
 	l.pending = make(map[string]seen, len(batch))
 	l.mu.Unlock()
-	var first error
+	if len(batch) == 0 {
+		return nil
+	}
+	ids := make([]string, 0, len(batch))
+	for id := range batch {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	err := store.UpdateEach(ctx, l.st, ids, func(h *store.Host) error {
+		s, ok := batch[h.ID]
+		if !ok || !h.LastSeen.Before(s.at) {
+			return errNotNewer
+		}
+		h.LastSeen, h.LastSource = s.at.UTC(), s.source
+		return nil
+	})
+	if err == nil {
+		return nil
+	}
+	l.mu.Lock()
 	for id, s := range batch {
-		_, err := l.st.Update(ctx, id, func(h *store.Host) error {
-			if !h.LastSeen.Before(s.at) {
-				return errNotNewer
-			}
-			h.LastSeen, h.LastSource = s.at.UTC(), s.source
-			return nil
-		})
-		switch {
-		case err == nil, errors.Is(err, errNotNewer), errors.Is(err, store.ErrNotFound):
-		default:
-			l.mu.Lock()
-			if cur, ok := l.pending[id]; !ok || s.at.After(cur.at) {
-				l.pending[id] = s
-			}
-			l.mu.Unlock()
-			if first == nil {
-				first = fmt.Errorf("last-seen of host %q: %w", id, err)
-			}
+		if cur, ok := l.pending[id]; !ok || s.at.After(cur.at) {
+			l.pending[id] = s
 		}
 	}
-	return first
+	l.mu.Unlock()
+	return fmt.Errorf("last-seen of %d host(s): %w", len(batch), err)
 }
 
 // Run flushes every interval until ctx is done, then once more (bounded

@@ -112,7 +112,7 @@ func TestMetricsCountRequests(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := f.Sum("unlockrd_store_operation_duration_seconds", "op", "update"); got != 1 {
-		t.Errorf("%v store updates for 3 fetches of one host, want 1", got)
+	if got := f.Sum("unlockrd_store_operation_duration_seconds", "op", "update_each"); got != 1 {
+		t.Errorf("%v batched store writes for 3 fetches of one host, want 1", got)
 	}
 }

@@ -83,7 +83,7 @@ func New(reg *prometheus.Registry) (*Metrics, error) {
 		}),
 		storeOps: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: Namespace, Name: "store_operation_duration_seconds",
-			Help:    "Store operations by operation (get, list, create, update, delete, master_key_id) and result (ok, not_found, exists, busy, timeout, corrupt, error).",
+			Help:    "Store operations by operation (get, list, create, update, update_each (a batch: last-seen times), delete, master_key_id) and result (ok, not_found, exists, busy, timeout, corrupt, error).",
 			Buckets: latencyBuckets,
 		}, []string{"op", "result"}),
 		storeUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{

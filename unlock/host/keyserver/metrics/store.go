@@ -74,6 +74,14 @@ func (t *timedStore) Update(ctx context.Context, id string, fn func(h *store.Hos
 	return h, err
 }
 
+// UpdateEach keeps the inner store's batch write (store.EachUpdater).
+func (t *timedStore) UpdateEach(ctx context.Context, ids []string, fn func(h *store.Host) error) error {
+	start := time.Now()
+	err := store.UpdateEach(ctx, t.st, ids, fn)
+	t.observe("update_each", start, err)
+	return err
+}
+
 func (t *timedStore) Delete(ctx context.Context, id string) error {
 	start := time.Now()
 	err := t.st.Delete(ctx, id)
