@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"strings"
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -72,4 +73,30 @@ next:
 		}
 	}
 	return sum
+}
+
+// Values returns name's series as "label=value,..." (labels in exposition
+// order) to value, for messages.
+func (f Families) Values(name string) map[string]float64 {
+	out := map[string]float64{}
+	mf, ok := f[name]
+	if !ok {
+		return out
+	}
+	for _, m := range mf.GetMetric() {
+		var ls []string
+		for _, lp := range m.GetLabel() {
+			ls = append(ls, lp.GetName()+"="+lp.GetValue())
+		}
+		k := strings.Join(ls, ",")
+		switch {
+		case m.Counter != nil:
+			out[k] += m.Counter.GetValue()
+		case m.Gauge != nil:
+			out[k] += m.Gauge.GetValue()
+		case m.Histogram != nil:
+			out[k] += float64(m.Histogram.GetSampleCount())
+		}
+	}
+	return out
 }
