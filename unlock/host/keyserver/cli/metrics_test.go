@@ -9,6 +9,7 @@ import (
 
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/metrics/metricstest"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store/etcdstore/etcdtest"
 )
 
 // TestMetricsCountRequests sends a known mix of key requests to the real
@@ -115,4 +116,38 @@ func TestMetricsCountRequests(t *testing.T) {
 	if got := f.Sum("unlockrd_store_operation_duration_seconds", "op", "update_each"); got != 1 {
 		t.Errorf("%v batched store writes for 3 fetches of one host, want 1", got)
 	}
+}
+
+// TestMetricsEtcdHealth: with --store etcd, /metrics shows the store and
+// each etcd member up, and both down once the cluster is gone.
+func TestMetricsEtcdHealth(t *testing.T) {
+	c := etcdtest.New(t, 1)
+	etcd := etcdArgs(c, "/health/")
+	dir := t.TempDir()
+	mustRun(t, nil, args([]string{"init", "--data", dir}, etcd)...)
+	s := startServer(t, args([]string{"--data", dir, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"}, etcd)...)
+	ep := c.Endpoints()[0]
+	waitFor := func(up float64) {
+		t.Helper()
+		deadline := time.Now().Add(45 * time.Second)
+		for {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			f, err := metricstest.Scrape(ctx, "http://"+s.metrics+"/metrics")
+			cancel()
+			if err != nil {
+				t.Fatal(err)
+			}
+			st, member := f.Sum("unlockrd_store_up", "store", "etcd"), f.Sum("unlockrd_etcd_endpoint_up", "endpoint", ep)
+			if st == up && member == up {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("store_up %v, etcd_endpoint_up{%s} %v; want %v", st, ep, member, up)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	waitFor(1)
+	c.Kill(0)
+	waitFor(0)
 }
