@@ -27,6 +27,9 @@ import (
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
 	"github.com/unlockrd/unlockrd/qemu-tests/storm"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/metrics"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/metrics/metricstest"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/pkcs11key/softhsmtest"
 	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/pin"
 )
@@ -100,6 +103,17 @@ type proc struct {
 	addr string
 	pin  pin.Pin
 	done chan struct{}
+	// metrics is the key server's --metrics-listen address ("" for the
+	// bare server); sent counts what the bench's clients saw of it.
+	metrics string
+	sent    sentCounts
+}
+
+// sentCounts are the bench client's side of the key server's counters.
+type sentCounts struct {
+	ok       atomic.Int64 // 200 with the right key
+	answered atomic.Int64 // any HTTP answer
+	aborted  atomic.Int64 // no answer: cut off at the end of a cell, or failed
 }
 
 // startProc runs a server that prints "pin: P" and "listen: ADDR" on
@@ -146,6 +160,8 @@ func startProc(ctx context.Context, logPath string, env []string, bin string, ar
 				}
 			} else if v, ok := strings.CutPrefix(l, "listen: "); ok {
 				p.addr = v
+			} else if v, ok := strings.CutPrefix(l, "metrics: "); ok {
+				p.metrics = v
 			}
 		case <-timeout:
 			p.stop()
@@ -298,7 +314,7 @@ func runLoad(ctx context.Context, p *proc, hosts []benchHost, check bool, client
 			var firstErr error
 			for time.Now().Before(to) {
 				t0 := time.Now()
-				err := fetchOnce(ctx, c, url, h, check, &resumed)
+				err := fetchOnce(ctx, c, url, h, check, &resumed, &p.sent)
 				t1 := time.Now()
 				if t1.Before(from) || t1.After(to) {
 					continue
@@ -333,21 +349,25 @@ func runLoad(ctx context.Context, p *proc, hosts []benchHost, check bool, client
 	return res
 }
 
-// fetchOnce GETs one key (or the bare body) and checks it.
-func fetchOnce(ctx context.Context, c *http.Client, url string, h benchHost, check bool, resumed *int) error {
+// fetchOnce GETs one key (or the bare body) and checks it, counting it
+// in sent.
+func fetchOnce(ctx context.Context, c *http.Client, url string, h benchHost, check bool, resumed *int, sent *sentCounts) error {
 	ctx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	req.Header.Set("Authorization", "Bearer "+h.token)
 	resp, err := c.Do(req)
 	if err != nil {
+		sent.aborted.Add(1)
 		return err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, keyproto.MaxBody))
 	if err != nil {
+		sent.aborted.Add(1)
 		return err
 	}
+	sent.answered.Add(1)
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("status %d: %s", resp.StatusCode, bytes.TrimSpace(body))
 	}
@@ -367,6 +387,7 @@ func fetchOnce(ctx context.Context, c *http.Client, url string, h benchHost, che
 	if len(keys) != 1 || !bytes.Equal(keys[0], h.key) {
 		return errors.New("wrong key served")
 	}
+	sent.ok.Add(1)
 	return nil
 }
 
@@ -423,7 +444,7 @@ func benchKeyServer(ctx context.Context, r *report) error {
 	ksBin := filepath.Join(dir, "unlockrd-keyserver")
 	build := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", ksBin, "./cmd/unlockrd-keyserver")
 	build.Dir = root
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	build.Env = append(os.Environ(), "CGO_ENABLED=1") // PKCS#11 modules are shared libraries
 	if out, err := build.CombinedOutput(); err != nil {
 		return fmt.Errorf("go build unlockrd-keyserver: %w\n%s", err, out)
 	}
@@ -434,6 +455,23 @@ func benchKeyServer(ctx context.Context, r *report) error {
 		return err
 	}
 	r.printf("enrolled %d hosts in %s (bbolt, one fsync'd transaction each)", len(hosts), time.Since(t0).Round(time.Millisecond))
+	// The same keys again, sealed under a master key in a SoftHSM2 token.
+	tk, err := softhsmtest.New(filepath.Join(dir, "softhsm"), "bench-pin", "bench")
+	if err != nil {
+		return err
+	}
+	hsmEnv := []string{softhsmtest.ConfEnv + "=" + tk.Conf}
+	hsmURI, err := tk.PINFileURI(dir, "bench", "unlockrd-master")
+	if err != nil {
+		return err
+	}
+	hsmData := filepath.Join(dir, "data-hsm")
+	t0 = time.Now()
+	hsmHosts, err := enrollBinary(ctx, ksBin, hsmData, hsmEnv, hosts[:hsmHosts], "--master-key", hsmURI)
+	if err != nil {
+		return err
+	}
+	r.printf("enrolled %d of those hosts' keys again under a SoftHSM2 token key in %s (one `host add` run each)", len(hsmHosts), time.Since(t0).Round(time.Millisecond))
 
 	self, err := os.Executable()
 	if err != nil {
@@ -448,11 +486,20 @@ func benchKeyServer(ctx context.Context, r *report) error {
 	// hundreds of connections a second, over --source-conn-rate); the
 	// storm below measures shedding. The rest of admission (per-source
 	// connection cap, failure accounting) stays on and is measured.
-	ks, err := startProc(ctx, filepath.Join(dir, "serve.log"), nil, ksBin,
-		"serve", "--data", data, "--listen", "127.0.0.1:0", "--rate", "0", "--host-rate", "0", "--source-conn-rate", "0")
+	capacity := []string{"--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--rate", "0", "--host-rate", "0", "--source-conn-rate", "0"}
+	ks, err := startProc(ctx, filepath.Join(dir, "serve.log"), nil, ksBin, append([]string{"serve", "--data", data}, capacity...)...)
 	if err != nil {
 		return err
 	}
+	hsm, err := startProc(ctx, filepath.Join(dir, "serve-hsm.log"), hsmEnv, ksBin,
+		append([]string{"serve", "--data", hsmData, "--master-key", hsmURI}, capacity...)...)
+	if err != nil {
+		ks.stop()
+		return err
+	}
+	defer hsm.stop()
+	r.printf("and the same binary with its master key in SoftHSM2 (%s), %d hosts; both key servers with --metrics-listen, scraped every second while measured",
+		softhsmtest.Module, len(hsmHosts))
 	r.printf("servers: unlockrd-keyserver binary (bbolt, audit lines to a file, rate limits off) and a bare Go TLS server (same http.Server and TLS settings, ECDSA P-256, fixed %d-byte body), each its own process; Go client in the bench process, each client from its own loopback address (the key server's per-source connection cap and failure accounting stay on); loopback, %d cores shared by all three",
 		bareBodyLn, numCPU())
 	r.printf("each cell: %s warm-up (x3 at 1024 clients), then fetches completed in %s; %d rounds (%d for new handshakes at 64 clients), bare and key server interleaved; rate = median (min-max), latency over all rounds",
@@ -464,6 +511,7 @@ func benchKeyServer(ctx context.Context, r *report) error {
 		server  string
 	}
 	results := map[key][]cell{}
+	var scrapes scrapeLog
 	concs := []int{1, 64, 1024}
 	for round := range max(rounds, targetRounds) {
 		for _, m := range loadModes {
@@ -471,18 +519,22 @@ func benchKeyServer(ctx context.Context, r *report) error {
 				if round >= rounds && (m.resume || n != 64) {
 					continue
 				}
-				order := []string{"bare", "keyserver"}
-				if round%2 == 1 {
-					slices.Reverse(order)
+				order := []string{"bare", "keyserver", "hsm"}
+				// Each server goes first, second and third in turn.
+				for range round % len(order) {
+					order = append(order[1:], order[0])
 				}
 				for _, srv := range order {
 					if err := ctx.Err(); err != nil {
 						ks.stop()
 						return err
 					}
-					p, check := bare, false
-					if srv == "keyserver" {
+					p, check, hs := bare, false, hosts
+					switch srv {
+					case "keyserver":
 						p, check = ks, true
+					case "hsm":
+						p, check, hs = hsm, true, hsmHosts
 					}
 					// 1024 clients need about a latency (seconds, with new
 					// handshakes) before fetches complete at a steady rate.
@@ -490,7 +542,9 @@ func benchKeyServer(ctx context.Context, r *report) error {
 					if n >= 1024 {
 						w = 3 * warm
 					}
-					c := runLoad(ctx, p, hosts, check, n, m, w, window)
+					scr := scrapeDuring(ctx, p)
+					c := runLoad(ctx, p, hs, check, n, m, w, window)
+					scrapes.add(scr())
 					k := key{m.name, n, srv}
 					results[k] = append(results[k], c)
 					time.Sleep(200 * time.Millisecond) // let TIME_WAITs and goroutines settle
@@ -499,7 +553,20 @@ func benchKeyServer(ctx context.Context, r *report) error {
 		}
 	}
 	ksRSS, ksPeak, _ := ks.memory()
+	hsmRSS, hsmPeak, _ := hsm.memory()
+	time.Sleep(500 * time.Millisecond) // answers cut off at the last window's end reach the counters
+	metricsOK := true
+	for _, p := range []struct {
+		name string
+		p    *proc
+	}{{"file master key", ks}, {"SoftHSM2", hsm}} {
+		line, ok := checkCounters(ctx, p.p)
+		metricsOK = metricsOK && ok
+		r.printf("metrics (%s): %s", p.name, line)
+	}
+	r.printf("metrics: %d scrapes during the cells, %d failed, %d saw a counter go backwards", scrapes.n, scrapes.failed, scrapes.backwards)
 	ks.stop()
+	hsm.stop()
 
 	type sum struct {
 		med, lo, hi         float64
@@ -533,52 +600,68 @@ func benchKeyServer(ctx context.Context, r *report) error {
 	cpu := func(s sum) string {
 		return fmt.Sprintf("%.2f+%.2f", float64(s.srvCPU.Microseconds())/1000, float64(s.cliCPU.Microseconds())/1000)
 	}
-	r.printf("%-15s %4s | %-38s | %-38s | %s", "", "", "bare TLS server", "unlockrd-keyserver", "keyserver/bare")
-	r.printf("%-15s %4s | %-16s %-10s %-10s | %-16s %-10s %-10s | %s", "mode", "cli.", "fetches/s", "p50/p99 ms", "CPU ms", "fetches/s", "p50/p99 ms", "CPU ms", "rate  (CPU)")
-	var ratio64, cpuRatio64 float64
-	var p99at64, bareP99at64 time.Duration
+	// The key server twice: its master key in a file, and in SoftHSM2.
+	variants := []struct{ srv, title string }{{"keyserver", "keyserver (file master key)"}, {"hsm", "keyserver (SoftHSM2)"}}
+	r.printf("%-15s %4s | %-38s | %-38s | %-38s | %s", "", "", "bare TLS server", variants[0].title, variants[1].title, "file/bare, SoftHSM2/bare")
+	r.printf("%-15s %4s | %-16s %-10s %-10s | %-16s %-10s %-10s | %-16s %-10s %-10s | %s", "mode", "cli.",
+		"fetches/s", "p50/p99 ms", "CPU ms", "fetches/s", "p50/p99 ms", "CPU ms", "fetches/s", "p50/p99 ms", "CPU ms", "rate  (CPU)")
+	type at64 struct {
+		ratio, cpuRatio float64
+		p99, bareP99    time.Duration
+	}
+	target := map[string]at64{}
 	var problems []string
 	for _, m := range loadModes {
 		for _, n := range concs {
 			b := summary(results[key{m.name, n, "bare"}])
-			k := summary(results[key{m.name, n, "keyserver"}])
-			bf, kf, kres, kok := b.failed, k.failed, k.resumed, k.ok
-			var ratio, cpuRatio float64
-			if b.med > 0 && k.ok > 0 {
-				ratio = k.med / b.med
-				// The rate one would see with the machine to ourselves:
-				// both servers and the client share the cores, so it is
-				// inverse to the CPU spent per fetch, server and client.
-				cpuRatio = float64(b.srvCPU+b.cliCPU) / float64(k.srvCPU+k.cliCPU)
+			row := fmt.Sprintf("%-15s %4d | %4.0f (%4.0f-%4.0f) %-10s %-10s", m.name, n, b.med, b.lo, b.hi, ms(b.p50)+"/"+ms(b.p99), cpu(b))
+			var ratios []string
+			for _, v := range variants {
+				k := summary(results[key{m.name, n, v.srv}])
+				var ratio, cpuRatio float64
+				if b.med > 0 && k.ok > 0 {
+					ratio = k.med / b.med
+					// The rate one would see with the machine to ourselves:
+					// the servers and the client share the cores, so it is
+					// inverse to the CPU spent per fetch, server and client.
+					cpuRatio = float64(b.srvCPU+b.cliCPU) / float64(k.srvCPU+k.cliCPU)
+				}
+				if b.ok == 0 || k.ok == 0 {
+					problems = append(problems, fmt.Sprintf("%s/%d: no fetch completed in the window (bare %d, %s %d; first error %v / %v)",
+						m.name, n, b.ok, v.title, k.ok, firstErr(results[key{m.name, n, "bare"}]), firstErr(results[key{m.name, n, v.srv}])))
+				}
+				row += fmt.Sprintf(" | %4.0f (%4.0f-%4.0f) %-10s %-10s", k.med, k.lo, k.hi, ms(k.p50)+"/"+ms(k.p99), cpu(k))
+				ratios = append(ratios, fmt.Sprintf("%3.0f %% (%3.0f %%)", 100*ratio, 100*cpuRatio))
+				if b.failed+k.failed > 0 {
+					problems = append(problems, fmt.Sprintf("%s/%d: %d bare and %d %s fetches failed", m.name, n, b.failed, k.failed, v.title))
+				}
+				if m.resume && k.resumed < k.ok*9/10 {
+					problems = append(problems, fmt.Sprintf("%s/%d: only %d of %d %s fetches resumed a session", m.name, n, k.resumed, k.ok, v.title))
+				}
+				if !m.resume && n == 64 {
+					target[v.srv] = at64{ratio, cpuRatio, k.p99, b.p99}
+				}
 			}
-			if b.ok == 0 || k.ok == 0 {
-				problems = append(problems, fmt.Sprintf("%s/%d: no fetch completed in the window (bare %d, keyserver %d; first error %v / %v)",
-					m.name, n, b.ok, k.ok, firstErr(results[key{m.name, n, "bare"}]), firstErr(results[key{m.name, n, "keyserver"}])))
-			}
-			r.printf("%-15s %4d | %4.0f (%4.0f-%4.0f) %-10s %-10s | %4.0f (%4.0f-%4.0f) %-10s %-10s | %3.0f %% (%3.0f %%)",
-				m.name, n, b.med, b.lo, b.hi, ms(b.p50)+"/"+ms(b.p99), cpu(b), k.med, k.lo, k.hi, ms(k.p50)+"/"+ms(k.p99), cpu(k), 100*ratio, 100*cpuRatio)
-			if bf+kf > 0 {
-				problems = append(problems, fmt.Sprintf("%s/%d: %d bare and %d keyserver fetches failed", m.name, n, bf, kf))
-			}
-			if m.resume && kres < kok*9/10 {
-				problems = append(problems, fmt.Sprintf("%s/%d: only %d of %d fetches resumed a session", m.name, n, kres, kok))
-			}
-			if !m.resume && n == 64 {
-				ratio64, cpuRatio64, p99at64, bareP99at64 = ratio, cpuRatio, k.p99, b.p99
-			}
+			r.printf("%s | %s", row, strings.Join(ratios, ", "))
 		}
 	}
 	for _, p := range problems {
 		r.printf("NOTE: %s", p)
 	}
 	r.printf("CPU ms = CPU time per fetch, server + client (this process); (CPU) = the rate ratio those imply, which other load on the machine hardly moves")
-	r.printf("key server memory after the runs: RSS %.0f MiB, peak %.0f MiB", mib(ksRSS), mib(ksPeak))
+	r.printf("key server memory after the runs: RSS %.0f MiB, peak %.0f MiB (SoftHSM2: RSS %.0f MiB, peak %.0f MiB)", mib(ksRSS), mib(ksPeak), mib(hsmRSS), mib(hsmPeak))
 	// The verdict takes the CPU-derived ratio: on this shared machine the
 	// rates swing with other people's VMs far more than with our code.
-	r.target(fmt.Sprintf("keyserver: new-handshake fetches at 64 clients ≥ %.0f %% of the bare TLS server", 100*ksTargetRatio),
-		cpuRatio64 >= ksTargetRatio, fmt.Sprintf("%.0f %% by CPU per fetch (%.0f %% by measured rates)", 100*cpuRatio64, 100*ratio64))
-	r.target(fmt.Sprintf("keyserver: p99 at 64 clients (new handshakes) < %s", ksTargetP99),
-		p99at64 < ksTargetP99, fmt.Sprintf("p99 %s ms (bare TLS server in the same run: %s ms)", ms(p99at64), ms(bareP99at64)))
+	for _, v := range variants {
+		t := target[v.srv]
+		r.target(fmt.Sprintf("%s: new-handshake fetches at 64 clients ≥ %.0f %% of the bare TLS server", v.title, 100*ksTargetRatio),
+			t.cpuRatio >= ksTargetRatio, fmt.Sprintf("%.0f %% by CPU per fetch (%.0f %% by measured rates)", 100*t.cpuRatio, 100*t.ratio))
+		r.target(fmt.Sprintf("%s: p99 at 64 clients (new handshakes) < %s", v.title, ksTargetP99),
+			t.p99 < ksTargetP99, fmt.Sprintf("p99 %s ms (bare TLS server in the same run: %s ms)", ms(t.p99), ms(t.bareP99)))
+	}
+	r.target("keyserver metrics: /metrics counters match the requests sent (file and SoftHSM2 servers), scrapes during load all answered",
+		metricsOK && scrapes.failed == 0 && scrapes.backwards == 0 && scrapes.n > 0,
+		fmt.Sprintf("%d scrapes, %d failed, %d went backwards; counters %s", scrapes.n, scrapes.failed, scrapes.backwards, map[bool]string{true: "match", false: "DIFFER (see metrics lines)"}[metricsOK]))
 	bare.stop()
 
 	return stormRun(ctx, r, dir, ksBin, data, hosts, stormClients, stormFetches)
@@ -790,4 +873,116 @@ func (s *stormStats) noteErr(err error) {
 	if s.firstErr == nil {
 		s.firstErr = err
 	}
+}
+
+// hsmHosts is how many hosts the SoftHSM2 server gets: enrolment runs
+// the binary once per host, and the load spreads over hosts by client.
+const hsmHosts = 64
+
+// enrollBinary enrols hosts' keys (the same keys) in a new data folder
+// through the real `init` and `host add --key-file -`, with extra flags
+// (the master key) and env, and returns them with their new tokens.
+func enrollBinary(ctx context.Context, bin, dir string, env []string, hosts []benchHost, extra ...string) ([]benchHost, error) {
+	run := func(stdin []byte, args ...string) ([]byte, error) {
+		cmd := exec.CommandContext(ctx, bin, append(args, extra...)...)
+		cmd.Env = append(append(os.Environ(), keyserver.MasterKeyEnv+"="), env...)
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if stdin != nil {
+			cmd.Stdin = bytes.NewReader(stdin)
+		}
+		out, err := cmd.Output()
+		if err != nil {
+			return nil, fmt.Errorf("unlockrd-keyserver %s: %w: %s", args[0], err, stderr.Bytes())
+		}
+		return out, nil
+	}
+	if _, err := run(nil, "init", "--data", dir, "--san", "127.0.0.1"); err != nil {
+		return nil, err
+	}
+	out := make([]benchHost, len(hosts))
+	for i, h := range hosts {
+		tok, err := run(h.key, "host", "add", "--data", dir, "--key-file", "-", h.name)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = benchHost{name: h.name, token: strings.TrimSpace(string(tok)), key: h.key}
+	}
+	return out, nil
+}
+
+// scrapeLog sums up the scrapes made while cells ran.
+type scrapeLog struct{ n, failed, backwards int }
+
+func (s *scrapeLog) add(o scrapeLog) {
+	s.n, s.failed, s.backwards = s.n+o.n, s.failed+o.failed, s.backwards+o.backwards
+}
+
+// scrapeDuring scrapes p's /metrics every second until the returned
+// function is called (nothing for a server without metrics), checking
+// that the request counter never goes backwards.
+func scrapeDuring(ctx context.Context, p *proc) func() scrapeLog {
+	if p.metrics == "" {
+		return func() scrapeLog { return scrapeLog{} }
+	}
+	stop := make(chan struct{})
+	done := make(chan scrapeLog)
+	go func() {
+		var l scrapeLog
+		last := -1.0
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				done <- l
+				return
+			case <-t.C:
+			}
+			sctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			f, err := metricstest.Scrape(sctx, "http://"+p.metrics+metrics.Path)
+			cancel()
+			l.n++
+			if err != nil {
+				l.failed++
+				continue
+			}
+			v := f.Sum("unlockrd_requests_total")
+			if v < last {
+				l.backwards++
+			}
+			last = v
+		}
+	}()
+	return func() scrapeLog { close(stop); return <-done }
+}
+
+// checkCounters compares p's counters with what the bench's clients saw:
+// every answer counted, every 200 counted as ok, and beyond that the
+// server may only count the requests the clients abandoned (cut off at
+// a cell's end: the server then answers a request whose client is gone,
+// or audits a request cut short); every ok request a key request with
+// its latency observed, a store read and a timed handshake.
+func checkCounters(ctx context.Context, p *proc) (string, bool) {
+	sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	f, err := metricstest.Scrape(sctx, "http://"+p.metrics+metrics.Path)
+	if err != nil {
+		return err.Error(), false
+	}
+	ok, answered, aborted := float64(p.sent.ok.Load()), float64(p.sent.answered.Load()), float64(p.sent.aborted.Load())
+	srvOK, srvAll := f.Sum("unlockrd_requests_total", "outcome", "ok", "status", "200"), f.Sum("unlockrd_requests_total")
+	keyLat, hs := f.Sum("unlockrd_key_request_duration_seconds"), f.Sum("unlockrd_tls_handshake_duration_seconds")
+	gets := f.Sum("unlockrd_store_operation_duration_seconds", "op", "get", "result", "ok")
+	good := srvOK >= ok && srvOK <= ok+aborted && srvAll >= answered && srvAll-srvOK <= aborted &&
+		keyLat >= srvOK && keyLat <= srvAll && gets >= srvOK && hs >= srvOK
+	var others []string
+	for k, v := range f.Values("unlockrd_requests_total") {
+		if k != "outcome=ok,status=200" {
+			others = append(others, fmt.Sprintf("%s: %.0f", k, v))
+		}
+	}
+	slices.Sort(others)
+	return fmt.Sprintf("clients got %.0f answers (%.0f keys), abandoned %.0f; server counted %.0f requests (%.0f ok; others %v), %.0f key latencies, %.0f store gets, %.0f handshakes",
+		answered, ok, aborted, srvAll, srvOK, others, keyLat, gets, hs), good
 }

@@ -68,16 +68,21 @@ func Binaries(ctx context.Context) (*Bins, error) {
 		Mkunlockrd: filepath.Join(dir, "mkunlockrd"),
 		KeyServer:  filepath.Join(dir, "unlockrd-keyserver"),
 	}
-	builds := [][]string{
-		{"build", "-trimpath", "-ldflags=-s -w -buildid=", "-o", b.Init, "./cmd/unlockrd-init"},
-		{"build", "-trimpath", "-o", dir + "/", "./cmd/mkunlockrd", "./cmd/unlockrd-keyserver"},
+	// As the Makefile: static, but the key server with cgo (PKCS#11).
+	builds := []struct {
+		cgo  string
+		args []string
+	}{
+		{"0", []string{"build", "-trimpath", "-ldflags=-s -w -buildid=", "-o", b.Init, "./cmd/unlockrd-init"}},
+		{"0", []string{"build", "-trimpath", "-o", dir + "/", "./cmd/mkunlockrd"}},
+		{"1", []string{"build", "-trimpath", "-o", dir + "/", "./cmd/unlockrd-keyserver"}},
 	}
-	for _, args := range builds {
-		cmd := exec.CommandContext(ctx, "go", args...)
+	for _, bl := range builds {
+		cmd := exec.CommandContext(ctx, "go", bl.args...)
 		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED="+bl.cgo)
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("harness: go %s: %w\n%s", strings.Join(args, " "), err, out)
+			return nil, fmt.Errorf("harness: go %s: %w\n%s", strings.Join(bl.args, " "), err, out)
 		}
 	}
 	bins = b

@@ -60,3 +60,19 @@ func JSONLines[T any](w io.Writer) func(T) {
 		w.Write(b)
 	}
 }
+
+// Audits returns one audit sink calling each non-nil sink in turn (the
+// log, the metrics, the last-seen recorder).
+func Audits(sinks ...func(AuditEvent)) func(AuditEvent) {
+	var on []func(AuditEvent)
+	for _, s := range sinks {
+		if s != nil {
+			on = append(on, s)
+		}
+	}
+	return func(ev AuditEvent) {
+		for _, s := range on {
+			s(ev)
+		}
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/pkcs11key"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store/boltstore"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store/etcdstore"
@@ -35,7 +36,10 @@ var ErrWrongMasterKey = errors.New("wrong master key")
 type DataOptions struct {
 	// Create makes the folder, master key and data file if missing.
 	Create bool
-	// MasterKeyPath overrides <dir>/master.key. It is never created.
+	// MasterKeyPath overrides <dir>/master.key. A file there is never
+	// created. A pkcs11: URI (RFC 7512) names a key in a PKCS#11 token
+	// instead (see pkcs11key); that key is created with Create when the
+	// store holds no hosts sealed under another.
 	MasterKeyPath string
 	// LockTimeout bounds waits for the data file's lock (see boltstore),
 	// or each etcd operation, retries included (see etcdstore).
@@ -48,7 +52,9 @@ type DataOptions struct {
 
 // Data is an open data folder: its store and the sealer for its keys.
 type Data struct {
-	Dir           string
+	Dir string
+	// MasterKeyPath is the master key file, or the pkcs11: URI without
+	// its PIN.
 	MasterKeyPath string
 	Store         store.Store
 	// Where names the store in messages: the data file, or the etcd
@@ -87,7 +93,11 @@ func OpenData(ctx context.Context, dir string, o DataOptions) (*Data, error) {
 
 	var mk []byte
 	var err error
-	if o.Create && defaultMK && !dbExists {
+	if pkcs11key.IsURI(mkPath) {
+		// A new data file may have its token key made; an existing one
+		// needs the key its hosts were sealed under.
+		mk, mkPath, err = tokenMasterKey(mkPath, o.Create && !dbExists)
+	} else if o.Create && defaultMK && !dbExists {
 		// First run: a new folder gets a new master key. Never when a data
 		// file exists: its keys are sealed under a key we'd then lack.
 		mk, err = CreateMasterKey(mkPath)
@@ -151,7 +161,11 @@ func openEtcdData(ctx context.Context, dir string, o DataOptions) (*Data, error)
 	}
 	var mk []byte
 	created := false
-	if _, serr := os.Stat(mkPath); errors.Is(serr, os.ErrNotExist) && o.Create && defaultMK && recorded == "" {
+	if pkcs11key.IsURI(mkPath) {
+		// Replicas share the token (or tokens holding the same key): the
+		// first may create the key, the others derive the same master key.
+		mk, mkPath, err = tokenMasterKey(mkPath, o.Create && recorded == "")
+	} else if _, serr := os.Stat(mkPath); errors.Is(serr, os.ErrNotExist) && o.Create && defaultMK && recorded == "" {
 		mk, err = CreateMasterKey(mkPath)
 		created = err == nil
 	} else {
@@ -177,6 +191,18 @@ func openEtcdData(ctx context.Context, dir string, o DataOptions) (*Data, error)
 		return nil, err
 	}
 	return d, nil
+}
+
+// tokenMasterKey derives the master key from the PKCS#11 token key uri
+// names (see pkcs11key), creating that key if create and absent. It
+// returns the URI without its PIN, for messages.
+func tokenMasterKey(uri string, create bool) ([]byte, string, error) {
+	u, err := pkcs11key.Parse(uri)
+	if err != nil {
+		return nil, "pkcs11:", err
+	}
+	mk, _, err := pkcs11key.MasterKey(u, create)
+	return mk, u.String(), err
 }
 
 // checkMasterKey records our master key's id in a store that has none, or

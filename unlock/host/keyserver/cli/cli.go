@@ -15,14 +15,18 @@ import (
 	"net"
 	"os"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
 	"golang.org/x/term"
 
 	"github.com/unlockrd/unlockrd/initramfs/host/cliflag"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/adminapi"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/metrics"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store/etcdstore"
 	"github.com/unlockrd/unlockrd/unlock/pin"
@@ -35,6 +39,7 @@ const usage = `usage:
                            [--rate N --burst N] [--host-rate N --host-burst N] [--max-conns N]
                            [--source-fail-rate N --source-fail-burst N] [--fail-rate N --fail-burst N]
                            [--source-max-conns N] [--source-conn-rate N --source-conn-burst N]
+                           [--metrics-listen ADDR] [--last-seen-interval D]
   unlockrd-keyserver init --data DIR                 create key material, print the pin
   unlockrd-keyserver pin --data DIR | --cert F       print the server's pin
   unlockrd-keyserver host add --data DIR [--key-file F|-] NAME   print the new token
@@ -55,7 +60,9 @@ certificate chains to); the output is the same. Through the API, host key
 needs the server's --admin-allow-export.
 
 Every command takes --master-key PATH (or $UNLOCKRD_MASTER_KEY_FILE) to use a
-master key kept outside DIR, and --lock-timeout D. Admin commands work while
+master key kept outside DIR, or a key in a PKCS#11 token (HSM) named by an
+RFC 7512 URI: --master-key 'pkcs11:token=T;object=O?module-path=LIB&pin-source=F'
+(init creates the token key), and --lock-timeout D. Admin commands work while
 serve runs on the same DIR.
 
 Host records live in DIR/hosts.db, or with --store etcd in an etcd cluster
@@ -134,7 +141,7 @@ func (e *env) flags(name string, c *common) *flag.FlagSet {
 	// Usage errors carry their message; Main prints it with the usage.
 	fs := cliflag.NewFlagSet(name, io.Discard)
 	fs.StringVar(&c.data, "data", "", "data folder")
-	fs.StringVar(&c.masterKey, "master-key", e.getenv(keyserver.MasterKeyEnv), "master key file (default DIR/master.key)")
+	fs.StringVar(&c.masterKey, "master-key", e.getenv(keyserver.MasterKeyEnv), "master key file (default DIR/master.key), or pkcs11:token=T;object=O?module-path=LIB&pin-source=F")
 	fs.DurationVar(&c.lockTimeout, "lock-timeout", 10*time.Second, "how long to wait for the data file's lock, or for etcd")
 	fs.StringVar(&c.storeKind, "store", "bolt", "where host records live: bolt (DIR/hosts.db) or etcd")
 	fs.StringVar(&c.etcd.endpoints, "etcd-endpoints", "", "etcd client URLs, comma-separated (--store etcd)")
@@ -253,6 +260,8 @@ func (e *env) serve(args []string) error {
 	srcConnBurst := fs.Int("source-conn-burst", keyserver.DefaultSourceLimits.Conns.Burst, "burst of new connections per source address")
 	grace := fs.Duration("grace", 10*time.Second, "how long requests in flight may finish on shutdown")
 	maxConns := fs.Int("max-conns", keyserver.DefaultMaxConns, "connections served at once; more wait in the listen queue (0: no limit)")
+	metricsListen := fs.String("metrics-listen", "", "serve Prometheus metrics on http://ADDR/metrics (plain HTTP; off when empty)")
+	lastSeenEvery := fs.Duration("last-seen-interval", keyserver.DefaultLastSeenInterval, "how often hosts' last-seen times are written to the store")
 	pos, err := cliflag.Parse(fs, args)
 	if err != nil {
 		return err
@@ -265,6 +274,9 @@ func (e *env) serve(args []string) error {
 	}
 	if (*certFile == "") != (*keyFile == "") {
 		return fmt.Errorf("%w: --cert and --key go together", cliflag.ErrUsage)
+	}
+	if *lastSeenEvery <= 0 {
+		return fmt.Errorf("%w: --last-seen-interval must be positive", cliflag.ErrUsage)
 	}
 
 	d, err := e.open(&c, true)
@@ -297,11 +309,39 @@ func (e *env) serve(args []string) error {
 		return fmt.Errorf("serve: %w", err)
 	}
 
+	// Background work (metrics, last-seen flushes) outlives the request
+	// grace period: it stops once Serve has returned.
+	// One deferred call, in this order: wg.Wait before stopBg (two defers
+	// run last-first) would wait forever on an early error return.
+	bg, stopBg := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer func() { stopBg(); wg.Wait() }()
+
+	st := d.Store
+	var m *metrics.Metrics
+	var metricsLn net.Listener
+	if *metricsListen != "" {
+		if m, err = metrics.New(prometheus.NewRegistry()); err != nil {
+			return fmt.Errorf("serve: metrics: %w", err)
+		}
+		if metricsLn, err = net.Listen("tcp", *metricsListen); err != nil {
+			return fmt.Errorf("serve: --metrics-listen: %w", err)
+		}
+		st = m.Store(d.Store)
+	}
+	seen := keyserver.NewLastSeen(st, logger)
+	audit := []func(keyserver.AuditEvent){keyserver.JSONAudit(e.stderr), seen.Observe}
+	if m != nil {
+		audit = append(audit, m.Observe)
+	}
+	wg.Add(1)
+	go func() { defer wg.Done(); seen.Run(bg, *lastSeenEvery, *grace) }()
+
 	h, err := keyserver.New(
-		keyserver.WithStore(d.Store),
+		keyserver.WithStore(st),
 		keyserver.WithSealer(d.Sealer),
 		keyserver.WithLogger(logger),
-		keyserver.WithAudit(keyserver.JSONAudit(e.stderr)),
+		keyserver.WithAudit(keyserver.Audits(audit...)),
 		keyserver.WithGlobalLimit(keyserver.Limit{PerSecond: *rateF, Burst: *burst}),
 		keyserver.WithHostLimit(keyserver.Limit{PerSecond: *hostRate, Burst: *hostBurst}),
 		keyserver.WithSourceFailLimit(keyserver.Limit{PerSecond: *srcFailRate, Burst: *srcFailBurst}),
@@ -330,11 +370,30 @@ func (e *env) serve(args []string) error {
 	}, logger)
 	ln = keyserver.LimitListener(ln, *maxConns)
 	srv := keyserver.NewHTTPServer(h, cert, log.New(e.stderr, prog+": http: ", log.LstdFlags))
+	if m != nil {
+		m.InstrumentServer(srv)
+		var etcd *clientv3.Client
+		if es, ok := d.Store.(*etcdstore.Store); ok {
+			etcd = es.Client()
+		}
+		wg.Add(2)
+		go func() { defer wg.Done(); m.WatchStore(bg, c.storeKind, d.Store, etcd, 5*time.Second) }()
+		go func() {
+			defer wg.Done()
+			if err := m.Serve(bg, metricsLn, logger); err != nil {
+				logger.Printf("metrics: %v", err)
+			}
+		}()
+		// Before the pin: whoever waits for "listen:" has seen it.
+		fmt.Fprintf(e.stdout, "metrics: %s\n", metricsLn.Addr())
+	}
 	// Printed only once we listen, so whoever starts us can connect as
 	// soon as it has read these lines.
 	fmt.Fprintf(e.stdout, "pin: %s\nlisten: %s\n", p, ln.Addr())
 	logger.Printf("serving %d hosts on https://%s (%s, master key %s)", n, ln.Addr(), d.Where, d.Sealer.ID())
 	err = keyserver.Serve(e.ctx, srv, ln, *grace)
+	stopBg()
+	wg.Wait()
 	logger.Printf("stopped")
 	return err
 }

@@ -47,7 +47,8 @@ func binary(t *testing.T) string {
 		}
 		binPath = filepath.Join(dir, "unlockrd-keyserver")
 		cmd := exec.Command(goBin, "build", "-o", binPath, "github.com/unlockrd/unlockrd/cmd/unlockrd-keyserver")
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		// As the Makefile builds it: with cgo, for PKCS#11 modules.
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
 		}
@@ -96,12 +97,14 @@ func mustRun(t *testing.T, stdin []byte, args ...string) []byte {
 
 // server is a running `serve`.
 type server struct {
-	cmd    *exec.Cmd
-	pin    pin.Pin
-	addr   string
-	mu     sync.Mutex
-	stderr bytes.Buffer
-	done   chan error
+	cmd  *exec.Cmd
+	pin  pin.Pin
+	addr string
+	// metrics is the --metrics-listen address serve printed, if any.
+	metrics string
+	mu      sync.Mutex
+	stderr  bytes.Buffer
+	done    chan error
 }
 
 func (s *server) Stderr() string {
@@ -158,6 +161,8 @@ func startServer(t *testing.T, args ...string) *server {
 				}
 			} else if v, ok := strings.CutPrefix(l, "listen: "); ok {
 				s.addr = v
+			} else if v, ok := strings.CutPrefix(l, "metrics: "); ok {
+				s.metrics = v
 			} else {
 				t.Fatalf("unexpected stdout line %q", l)
 			}

@@ -148,3 +148,34 @@ type Store interface {
 	// Close releases the store.
 	Close() error
 }
+
+// EachUpdater is a Store that can change many records in one write
+// (boltstore: one transaction, one fsync), for bulk bookkeeping such as
+// last-seen times.
+type EachUpdater interface {
+	// UpdateEach applies fn to the current record of each id as Update
+	// does, all in one write. A record fn returns an error for is left
+	// alone, as is an id with no record; only a failure of the store
+	// itself is returned, and then nothing was written.
+	UpdateEach(ctx context.Context, ids []string, fn func(h *Host) error) error
+}
+
+// UpdateEach is EachUpdater.UpdateEach on st if it has it, else one
+// Update per id (skipping records fn refuses and ids not found).
+func UpdateEach(ctx context.Context, st Store, ids []string, fn func(h *Host) error) error {
+	if eu, ok := st.(EachUpdater); ok {
+		return eu.UpdateEach(ctx, ids, fn)
+	}
+	for _, id := range ids {
+		declined := false
+		_, err := st.Update(ctx, id, func(h *Host) error {
+			err := fn(h)
+			declined = err != nil
+			return err
+		})
+		if err != nil && !declined && !errors.Is(err, ErrNotFound) {
+			return fmt.Errorf("host %q: %w", id, err)
+		}
+	}
+	return nil
+}

@@ -315,6 +315,32 @@ func (s *Store) Update(ctx context.Context, id string, fn func(h *store.Host) er
 	return out, nil
 }
 
+// UpdateEach implements store.EachUpdater in one write transaction: one
+// open, one fsync and one snapshot reload for the whole batch.
+func (s *Store) UpdateEach(ctx context.Context, ids []string, fn func(h *store.Host) error) error {
+	return s.update(ctx, func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketHosts)
+		for _, id := range ids {
+			v := b.Get([]byte(id))
+			if v == nil {
+				continue
+			}
+			cur, err := s.decode([]byte(id), v)
+			if err != nil {
+				return err
+			}
+			_, val, err := store.EncodeUpdate(cur, fn)
+			if err != nil {
+				continue // fn declined this record
+			}
+			if err := b.Put([]byte(id), val); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 // Delete implements store.Store.
 func (s *Store) Delete(ctx context.Context, id string) error {
 	return s.update(ctx, func(tx *bolt.Tx) error {

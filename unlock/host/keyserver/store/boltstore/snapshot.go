@@ -35,6 +35,10 @@ import (
 // per request.
 const snapshotMax = 100_000
 
+// snapshotWaitMax is the largest fleet whose requests wait for a reload
+// in progress (a few ms of decoding) instead of opening the file.
+const snapshotWaitMax = 20_000
+
 type snapshot struct {
 	dev, ino uint64
 	txid     uint64
@@ -163,10 +167,20 @@ func (s *Store) current(ctx context.Context) *snapshot {
 		}
 		return sn
 	}
-	// One loader at a time; requests meanwhile read the file themselves
-	// rather than queue behind a large load.
+	// One loader at a time. Requests meanwhile wait for it when the fleet
+	// is small enough to load quickly: opening the file per request while
+	// a storm of them arrives (after every last-seen flush) costs far more
+	// memory than the short wait. A large fleet's requests read the file
+	// themselves rather than queue behind a long load.
 	if !s.snap.loadMu.TryLock() {
-		return nil
+		if prev := s.snap.snap.Load(); prev == nil || len(prev.hosts) > snapshotWaitMax {
+			return nil
+		}
+		s.snap.loadMu.Lock()
+		if sn := s.snap.snap.Load(); sn != nil && sn.dev == dev && sn.ino == ino && sn.txid >= txid && !sn.tooBig {
+			s.snap.loadMu.Unlock()
+			return sn
+		}
 	}
 	defer s.snap.loadMu.Unlock()
 	sn := &snapshot{dev: dev, ino: ino, hosts: map[string]store.Host{}}

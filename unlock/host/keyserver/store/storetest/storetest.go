@@ -136,4 +136,39 @@ func Run(t *testing.T, s store.Store) {
 	if _, err := s.Get(cctx, "db-1"); err == nil {
 		t.Fatal("Get with a cancelled context succeeded")
 	}
+
+	updateEach(t, s)
+}
+
+// updateEach checks store.UpdateEach (the store's own batch write, or
+// the one-Update-per-id fallback): declined records and missing ids are
+// skipped, the others get the change and the next version.
+func updateEach(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	for _, id := range []string{"each-1", "each-2"} {
+		if err := s.Create(ctx, store.Host{ID: id, State: store.Active}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seen := time.Date(2026, 12, 7, 3, 0, 0, 0, time.UTC)
+	declined := errors.New("declined")
+	err := store.UpdateEach(ctx, s, []string{"each-1", "each-absent", "each-2"}, func(h *store.Host) error {
+		if h.ID == "each-2" {
+			return declined
+		}
+		h.LastSeen, h.LastSource = seen, "192.0.2.7"
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("UpdateEach: %v", err)
+	}
+	if h, _ := s.Get(ctx, "each-1"); !h.LastSeen.Equal(seen) || h.LastSource != "192.0.2.7" || h.Version != 2 {
+		t.Fatalf("UpdateEach: each-1 is %+v", h)
+	}
+	if h, _ := s.Get(ctx, "each-2"); !h.LastSeen.IsZero() || h.Version != 1 {
+		t.Fatalf("UpdateEach changed the declined record: %+v", h)
+	}
+	if _, err := s.Get(ctx, "each-absent"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("UpdateEach created a record: %v", err)
+	}
 }
