@@ -31,10 +31,14 @@ import (
 // that an older cache is rebuilt rather than misread.
 const debianFormat = 2
 
-// tangPort is where the bench's Tang server listens on the host's
-// loopback (the guest dials 10.0.2.2:tangPort). It is part of the cached
-// disk: clevis writes the URL into each volume's token.
-const tangPort = 17391
+// tangPorts are where the bench's Tang server for each kernel's race
+// listens on the host's loopback (the guest dials 10.0.2.2:port). A port
+// is part of the cached disk: clevis writes the URL into each volume's
+// token. One per kernel, so that races on both can run side by side.
+var tangPorts = map[string]int{
+	kernelcache.Debian12: 17391,
+	kernelcache.Debian13: 17392,
+}
 
 // debianSuites maps the suite's kernels to the Debian release they ship
 // in: the chroot that builds a kernel's image is of that release.
@@ -218,6 +222,17 @@ func debianImages(ctx context.Context, k harness.KernelFiles, r *report) (*debia
 		return out, nil
 	}
 	build := func(name string, checks ...string) (debianImage, error) {
+		// An image built by an interrupted run is reused (mkinitramfs
+		// takes minutes on a loaded machine).
+		side := filepath.Join(dir, name+".json")
+		if b, err := os.ReadFile(side); err == nil {
+			var img debianImage
+			if json.Unmarshal(b, &img) == nil && img.File == name {
+				if st, err := os.Stat(filepath.Join(dir, name)); err == nil && st.Size() == img.Size {
+					return img, nil
+				}
+			}
+		}
 		inChroot := "/tmp/" + name
 		start := time.Now()
 		if _, err := step("mkinitramfs", inChroot); err != nil {
@@ -242,7 +257,11 @@ func debianImages(ctx context.Context, k harness.KernelFiles, r *report) (*debia
 			return debianImage{}, err
 		}
 		img.Size = st.Size()
-		return img, nil
+		b, err := json.Marshal(img)
+		if err != nil {
+			return debianImage{}, err
+		}
+		return img, os.WriteFile(side, b, 0o644)
 	}
 	c := &debianCache{Format: debianFormat, Release: k.Release, Suite: suite, dir: dir}
 	if _, err := step("prepare"); err != nil {
@@ -251,10 +270,10 @@ func debianImages(ctx context.Context, k harness.KernelFiles, r *report) (*debia
 	if c.Cryptsetup, err = build("initramfs-tools-cryptsetup.img", "sbin/cryptsetup\n"); err != nil {
 		return nil, err
 	}
-	if _, err := step("install", "clevis-initramfs", "clevis-luks", "clevis-tang"); err != nil {
+	if _, err := step("install", "clevis-initramfs", "clevis-luks"); err != nil {
 		return nil, err
 	}
-	crypttab, err := c.buildDisk(ctx, chroot, step)
+	crypttab, err := c.buildDisk(ctx, k.Name, chroot, step)
 	if err != nil {
 		return nil, err
 	}
@@ -307,7 +326,11 @@ func raceRoot() harness.TestInitConfig {
 // UUIDs, so the image's crypttab stays valid), its data and swap volumes
 // bound by clevis to a fresh Tang database. It returns the crypttab that
 // names them with the initramfs option.
-func (c *debianCache) buildDisk(ctx context.Context, chroot string, step func(...string) ([]byte, error)) (string, error) {
+func (c *debianCache) buildDisk(ctx context.Context, kernel, chroot string, step func(...string) ([]byte, error)) (string, error) {
+	port, ok := tangPorts[kernel]
+	if !ok {
+		return "", fmt.Errorf("no Tang port for kernel %s", kernel)
+	}
 	key := make([]byte, 32)
 	if _, err := rand.Read(key); err != nil {
 		return "", err
@@ -315,7 +338,7 @@ func (c *debianCache) buildDisk(ctx context.Context, chroot string, step func(..
 	d := harness.DefaultDisk(key)
 	d.Partitions[0].FS = harness.TestRoot("root", raceRoot(), harness.DataMountPoint)
 	c.Hello = string(d.Hello())
-	c.Disk, c.Tang, c.TangPort = "race-disk.img", "tang", tangPort
+	c.Disk, c.Tang, c.TangPort = "race-disk.img", "tang", port
 	work, err := os.MkdirTemp(c.dir, "disk-")
 	if err != nil {
 		return "", err
@@ -343,7 +366,7 @@ func (c *debianCache) buildDisk(ctx context.Context, chroot string, step func(..
 	if err := os.WriteFile(filepath.Join(bindDir, "key"), key, 0o600); err != nil {
 		return "", err
 	}
-	args := []string{"bind", c.path(c.Tang), strconv.Itoa(tangPort), "/tmp/bind/key"}
+	args := []string{"bind", c.path(c.Tang), strconv.Itoa(port), "/tmp/bind/key"}
 	var crypttab strings.Builder
 	var parts []*harness.BuiltPartition
 	for _, name := range []string{"data", "swap"} {
