@@ -74,13 +74,17 @@ func raceKernel(ctx context.Context, r *report, dir string, o *ours, k harness.K
 	defer tang.Stop()
 	sum := sha256.Sum256([]byte(deb.Hello))
 	debHello := hex.EncodeToString(sum[:])
-	// ip=dhcp is how Debian documents bringing the initramfs network up
-	// (initramfs-tools(7)); clevis's local-top script then configures it.
+	// ip= in initramfs-tools(7)'s full form, naming the interface (the
+	// NIC's predictable name under QEMU's default PCI layout): clevis's
+	// local-top script takes field 6 of ip= as the interface to wait for,
+	// and with the short ip=dhcp that is "dhcp" (cut prints a line without
+	// the delimiter whole), so it gives up and never configures the network.
 	debOpts := harness.VMOptions{
 		Name:      "bench-debian",
 		Kernel:    k.Vmlinuz,
 		Initramfs: deb.path(deb.Clevis.File),
-		Append:    []string{"quiet", "root=/dev/vda1", "ip=dhcp"},
+		Append:    []string{"quiet", "root=/dev/vda1", "ip=:::::ens3:dhcp"},
+		SerialLog: filepath.Join(dir, "debian-"+k.Name+".log"),
 	}
 	r.printf("%s (%s): ours (%s) vs Debian %s's %s, %d boots each, alternated", k.Name, k.Release, image.DefaultCompression, deb.Suite, deb.Versions, runs)
 	var oursIn, debIn []time.Duration
