@@ -33,10 +33,12 @@ type ours struct {
 	host  string
 	disk  string
 	hello string // sha256 of the hello file
+	// nolock boots without the machine-wide VM lock (-nolock).
+	nolock bool
 }
 
-func newOurs(ctx context.Context, dir string) (*ours, error) {
-	o := &ours{dir: dir, host: "bench-host"}
+func newOurs(ctx context.Context, dir string, nolock bool) (*ours, error) {
+	o := &ours{dir: dir, host: "bench-host", nolock: nolock}
 	var err error
 	if o.e, err = harness.Enroll(ctx, dir, o.host); err != nil {
 		return nil, err
@@ -73,11 +75,12 @@ func (o *ours) image(ctx context.Context, kernel string, comp image.Compression)
 // boot boots img on the kernel with a fresh copy of the disk.
 func (o *ours) boot(ctx context.Context, k harness.KernelFiles, img string) (bootResult, error) {
 	return measureBoot(ctx, o.dir, o.disk, harness.VMOptions{
-		Name:      "bench",
-		Kernel:    k.Vmlinuz,
-		Initramfs: img,
-		Append:    []string{"quiet", "rd.unlockrd.host=" + o.host},
-		SMBIOS:    []string{harness.TokenCredential(o.e.Token)},
+		Name:       "bench",
+		Kernel:     k.Vmlinuz,
+		Initramfs:  img,
+		Append:     []string{"quiet", "rd.unlockrd.host=" + o.host},
+		SMBIOS:     []string{harness.TokenCredential(o.e.Token)},
+		Concurrent: o.nolock,
 	}, o.hello)
 }
 
@@ -153,7 +156,7 @@ func benchBoot(ctx context.Context, r *report) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	o, err := newOurs(ctx, dir)
+	o, err := newOurs(ctx, dir, r.nolock)
 	if err != nil {
 		return err
 	}

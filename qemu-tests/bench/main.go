@@ -30,6 +30,7 @@ type report struct {
 	verdict []string
 	quick   bool
 	kernels []string // cache names (kernelcache.Names)
+	nolock  bool     // VMs skip the machine-wide lock
 }
 
 func (r *report) printf(format string, a ...any) {
@@ -50,6 +51,7 @@ func (r *report) target(name string, ok bool, detail string) {
 func main() {
 	only := flag.String("only", "", "comma-separated sections to run (default all)")
 	quick := flag.Bool("quick", false, "fewer repetitions (for a smoke run)")
+	nolock := flag.Bool("nolock", false, "boot VMs without waiting for the machine-wide VM lock (sooner on a busy machine, noisier)")
 	kernels := flag.String("kernels", strings.Join(kernelcache.Names(), ","), "comma-separated kernels the boot, size and race sections use")
 	flag.Parse()
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -64,7 +66,7 @@ func main() {
 		{"network", benchNetwork},
 		{"storm", benchStorm},
 	}
-	r := &report{quick: *quick, kernels: strings.Split(*kernels, ",")}
+	r := &report{quick: *quick, nolock: *nolock, kernels: strings.Split(*kernels, ",")}
 	failed := false
 	for _, s := range sections {
 		if *only != "" && !slices.Contains(strings.Split(*only, ","), s.name) {

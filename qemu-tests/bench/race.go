@@ -36,7 +36,7 @@ func benchRace(ctx context.Context, r *report) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	o, err := newOurs(ctx, dir)
+	o, err := newOurs(ctx, dir, r.nolock)
 	if err != nil {
 		return err
 	}
@@ -80,11 +80,12 @@ func raceKernel(ctx context.Context, r *report, dir string, o *ours, k harness.K
 	// and with the short ip=dhcp that is "dhcp" (cut prints a line without
 	// the delimiter whole), so it gives up and never configures the network.
 	debOpts := harness.VMOptions{
-		Name:      "bench-debian",
-		Kernel:    k.Vmlinuz,
-		Initramfs: deb.path(deb.Clevis.File),
-		Append:    []string{"quiet", "root=/dev/vda1", "ip=:::::ens3:dhcp"},
-		SerialLog: filepath.Join(dir, "debian-"+k.Name+".log"),
+		Name:       "bench-debian",
+		Kernel:     k.Vmlinuz,
+		Initramfs:  deb.path(deb.Clevis.File),
+		Append:     []string{"quiet", "root=/dev/vda1", "ip=:::::ens3:dhcp"},
+		SerialLog:  filepath.Join(dir, "debian-"+k.Name+".log"),
+		Concurrent: r.nolock,
 	}
 	r.printf("%s (%s): ours (%s) vs Debian %s's %s, %d boots each, alternated", k.Name, k.Release, image.DefaultCompression, deb.Suite, deb.Versions, runs)
 	var oursIn, debIn []time.Duration
