@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 )
 
 // section is one part of the report.
@@ -27,6 +29,8 @@ type report struct {
 	lines   []string
 	verdict []string
 	quick   bool
+	kernels []string // cache names (kernelcache.Names)
+	nolock  bool     // VMs skip the machine-wide lock
 }
 
 func (r *report) printf(format string, a ...any) {
@@ -47,6 +51,8 @@ func (r *report) target(name string, ok bool, detail string) {
 func main() {
 	only := flag.String("only", "", "comma-separated sections to run (default all)")
 	quick := flag.Bool("quick", false, "fewer repetitions (for a smoke run)")
+	nolock := flag.Bool("nolock", false, "boot VMs without waiting for the machine-wide VM lock (sooner on a busy machine, noisier)")
+	kernels := flag.String("kernels", strings.Join(kernelcache.Names(), ","), "comma-separated kernels the boot, size and race sections use")
 	flag.Parse()
 	ctx, cancel := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer cancel()
@@ -55,12 +61,13 @@ func main() {
 		{"boot", benchBoot},
 		{"size", benchSize},
 		{"build", benchBuild},
+		{"race", benchRace},
 		{"unlock", benchUnlock},
 		{"keyserver", benchKeyServer},
 		{"network", benchNetwork},
 		{"storm", benchStorm},
 	}
-	r := &report{quick: *quick}
+	r := &report{quick: *quick, nolock: *nolock, kernels: strings.Split(*kernels, ",")}
 	failed := false
 	for _, s := range sections {
 		if *only != "" && !slices.Contains(strings.Split(*only, ","), s.name) {

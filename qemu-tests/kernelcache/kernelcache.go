@@ -101,11 +101,17 @@ func Names() []string { return []string{Debian12, Debian13} }
 // CacheDir is the machine-wide kernel cache, $UNLOCKRD_CACHE/kernels
 // (default /var/cache/unlockrd/kernels), the folder fetch-kernel.sh fills.
 func CacheDir() string {
-	base := os.Getenv("UNLOCKRD_CACHE")
-	if base == "" {
-		base = "/var/cache/unlockrd"
+	return filepath.Join(CacheBase(), "kernels")
+}
+
+// CacheBase is the machine-wide cache of everything expensive the tests
+// and the bench reuse across clones: $UNLOCKRD_CACHE, default
+// /var/cache/unlockrd.
+func CacheBase() string {
+	if base := os.Getenv("UNLOCKRD_CACHE"); base != "" {
+		return base
 	}
-	return filepath.Join(base, "kernels")
+	return "/var/cache/unlockrd"
 }
 
 // Find locates the cached Default kernel.

@@ -355,7 +355,7 @@ func copyTo(t *testing.T, from, to string) {
 }
 
 func TestParseCompression(t *testing.T) {
-	for in, want := range map[string]Compression{"": Xz, "xz": Xz, "zstd": Zstd, "gzip": Gzip, "none": None} {
+	for in, want := range map[string]Compression{"": Zstd, "xz": Xz, "zstd": Zstd, "gzip": Gzip, "none": None} {
 		if got, err := ParseCompression(in); err != nil || got != want {
 			t.Errorf("ParseCompression(%q) = %q, %v", in, got, err)
 		}

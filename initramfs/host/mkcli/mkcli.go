@@ -46,9 +46,9 @@ commands:
            read LUKS2 headers as the boot will and say what it would do
            (exit 0 accepted, 1 refused or the key opens no keyslot); read-only
 
-Images are xz-compressed by default (the smallest; needs the xz program,
-package xz-utils); --compress zstd needs no external program, makes a
-larger image (about +20%) that the kernel unpacks faster.
+Images are zstd-compressed by default (the kernel unpacks it fastest; no
+external program needed); --compress xz makes the smallest image (about
+-20%; needs the xz program, package xz-utils) for slow transfers like TFTP.
 
 Run "mkunlockrd COMMAND -h" for a command's flags.
 `
@@ -137,7 +137,7 @@ func (b *buildFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&b.mods, "modules", "", "same as -m `tree`")
 	fs.StringVar(&b.initPath, "init", "", "unlockrd-init `binary` (default: unlockrd-init beside mkunlockrd)")
 	fs.StringVar(&b.comp, "compress", string(image.DefaultCompression),
-		"image compression: xz (smallest; needs the xz program), zstd (no external program, larger, unpacks faster), gzip or none")
+		"image compression: zstd (unpacks fastest), xz (smallest; needs the xz program), gzip or none")
 }
 
 // options turns the flags into build options.

@@ -279,10 +279,10 @@ func TestUsage(t *testing.T) {
 	if r := mk(t, dir, nil, "netboot", "-c", "x.yaml", "-m", "y"); r.code != 2 || !strings.Contains(r.stderr, "-c, -k, -m and -o are required") {
 		t.Errorf("netboot without -k -o: %+v", r)
 	}
-	if r := mk(t, dir, nil, "-h"); r.code != 0 || !strings.Contains(r.stdout, "xz-compressed by default") {
+	if r := mk(t, dir, nil, "-h"); r.code != 0 || !strings.Contains(r.stdout, "zstd-compressed by default") {
 		t.Errorf("-h does not document the default compression: %+v", r)
 	}
-	if r := mk(t, dir, nil, "build", "-h"); !strings.Contains(r.stderr, `(default "xz")`) {
+	if r := mk(t, dir, nil, "build", "-h"); !strings.Contains(r.stderr, `(default "zstd")`) {
 		t.Errorf("build -h does not show the default compression: %+v", r)
 	}
 }
