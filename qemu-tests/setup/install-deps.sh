@@ -6,7 +6,9 @@ pkgs=(debian-archive-keyring qemu-system-x86 qemu-utils cryptsetup-bin e2fsprogs
 	# unlock/blank's tests make every format these can make on a file
 	# (hfsprogs is not in Debian 12: hfs/hfs+ are not tested with real images).
 	util-linux util-linux-extra xfsprogs btrfs-progs dosfstools exfatprogs ntfs-3g f2fs-tools jfsutils
-	reiserfsprogs nilfs-tools erofs-utils squashfs-tools)
+	reiserfsprogs nilfs-tools erofs-utils squashfs-tools
+	# make deb checks its packages with lintian; the real-OS tests build Debian roots.
+	lintian debootstrap)
 [ "$#" -gt 0 ] && pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do
