@@ -197,6 +197,16 @@ func testRealOS(t *testing.T, name string, bootUpgrade bool) {
 		boot(newVer)
 	}
 
+	// systemd's kernel-install runs the plugin (Debian's "other" layout:
+	// /boot/initrd.img-VERSION, as the hooks).
+	r.run("kernel-install", "remove", oldVer)
+	if _, err := os.Stat(oldImg); err == nil {
+		t.Errorf("kernel-install remove %s left %s", oldVer, oldImg)
+	}
+	out = r.run("kernel-install", "--verbose", "add", oldVer, "/boot/vmlinuz-"+oldVer)
+	t.Logf("kernel-install add %s:\n%s", oldVer, grepLines(out, "unlockrd"))
+	r.checkImage(e.Bins.Mkunlockrd, oldVer)
+
 	// Removing the old kernel removes its image (postrm.d).
 	r.run("dpkg", "--purge", pkgName(oldDeb))
 	if _, err := os.Stat(oldImg); err == nil {
