@@ -356,6 +356,17 @@ func (r *chroot) stageOS(uuid string) {
 	r.write("/etc/fstab", "# / is mounted read-only by unlockrd's initramfs; this remounts it read-write.\n"+
 		"# /var/lib/postgresql (/dev/mapper/data) and swap are opened and mounted by the initramfs.\n"+
 		"PARTLABEL=root / ext4 defaults 0 0\n", 0o644)
+	// systemd's GPT auto-discovery (systemd >= 254 without EFI too, so
+	// Debian 13) sees the LUKS2 swap partition on the root's disk and
+	// would open it a second time (systemd-cryptsetup@swap.service, which
+	// fails): the initramfs has opened it. Masked, as an image pipeline
+	// does (README, Installing on Debian).
+	if err := os.MkdirAll(r.path("/etc/systemd/system-generators"), 0o755); err != nil {
+		r.t.Fatal(err)
+	}
+	if err := os.Symlink("/dev/null", r.path("/etc/systemd/system-generators/systemd-gpt-auto-generator")); err != nil {
+		r.t.Fatal(err)
+	}
 	r.write("/etc/hostname", "realos\n", 0o644)
 	r.write("/etc/machine-id", strings.ReplaceAll(uuid, "-", "")+"\n", 0o444)
 	r.write("/etc/systemd/network/50-dhcp.network", "[Match]\nName=en* eth*\n\n[Network]\nDHCP=ipv4\n", 0o644)
