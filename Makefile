@@ -9,7 +9,7 @@ export CGO_ENABLED := 0
 INIT_FLAGS := -trimpath -ldflags='-s -w -buildid='
 HOST_FLAGS := -trimpath
 
-.PHONY: all build deps kernel demo test test-unit test-qemu bench fuzz clean
+.PHONY: all build deb deps kernel demo test test-unit test-qemu bench fuzz clean
 
 all: build
 
@@ -18,6 +18,14 @@ build:
 	$(GO) build $(INIT_FLAGS) -o $(BIN)/unlockrd-init ./cmd/unlockrd-init
 	$(GO) build $(HOST_FLAGS) -o $(BIN)/ ./cmd/mkunlockrd
 	CGO_ENABLED=1 $(GO) build $(HOST_FLAGS) -o $(BIN)/ ./cmd/unlockrd-keyserver
+
+# Debian packages unlockrd and unlockrd-keyserver from the tree (dpkg-deb,
+# no network), checked by lintian: any error fails.
+deb: build deps
+	@rm -f $(BIN)/deb/*.deb
+	cmd/debian/build.sh $(BIN) $(BIN)/deb
+	set -o pipefail; lintian --fail-on error $(BIN)/deb/*.deb 2>&1 | \
+		{ grep -v 'running with root privileges' || true; }
 
 deps:
 	@qemu-tests/setup/install-deps.sh
@@ -28,7 +36,7 @@ kernel: deps
 demo: kernel build
 	$(GO) run ./qemu-tests/demo $(ARGS)
 
-test: kernel build
+test: kernel build deb
 	$(GO) vet ./...
 	CGO_ENABLED=1 $(GO) vet ./unlock/host/keyserver/...
 	$(GO) test -count=1 -timeout 40m ./...

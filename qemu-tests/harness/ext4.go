@@ -34,6 +34,10 @@ type Ext4 struct {
 	// TestInit, when set, installs the test init as /sbin/init with this
 	// configuration at /etc/testinit.json.
 	TestInit *TestInitConfig
+	// Tree, when set, is a host directory that becomes the file system as
+	// it is (mke2fs -d keeps owners, modes and links), e.g. a whole Debian
+	// root. It excludes Dirs, Files and TestInit: stage into it instead.
+	Tree string
 }
 
 // File is a file to put into an Ext4.
@@ -77,12 +81,19 @@ func buildExt4(ctx context.Context, work string, e *Ext4, seed string, size int6
 	if fsys.UUID == "" {
 		fsys.UUID = strings.ToLower(deriveUUID("ext4", seed, e.Label))
 	}
-	stage, err := os.MkdirTemp(work, "stage-*")
-	if err != nil {
-		return nil, err
-	}
-	if err := stageExt4(ctx, e, stage); err != nil {
-		return nil, err
+	stage := e.Tree
+	if stage != "" {
+		if len(e.Dirs) > 0 || len(e.Files) > 0 || e.TestInit != nil {
+			return nil, fmt.Errorf("ext4 %q: Tree excludes Dirs, Files and TestInit", e.Label)
+		}
+	} else {
+		var err error
+		if stage, err = os.MkdirTemp(work, "stage-*"); err != nil {
+			return nil, err
+		}
+		if err := stageExt4(ctx, e, stage); err != nil {
+			return nil, err
+		}
 	}
 	if err := os.WriteFile(out, nil, 0o600); err != nil {
 		return nil, err

@@ -10,7 +10,9 @@ pkgs=(debian-archive-keyring qemu-system-x86 qemu-utils cryptsetup-bin e2fsprogs
 	# The key server's PKCS#11 master key is tested against a real token.
 	softhsm2 opensc
 	# unlockrd-keyserver is built with cgo (PKCS#11 modules are shared libraries).
-	gcc libc6-dev)
+	gcc libc6-dev
+	# make deb checks its packages with lintian; the real-OS tests build Debian roots.
+	lintian debootstrap)
 [ "$#" -gt 0 ] && pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do
