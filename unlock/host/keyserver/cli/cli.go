@@ -533,7 +533,7 @@ type listEntry struct {
 func (e *env) list(hosts []store.Host, asJSON bool) error {
 	entries := make([]listEntry, 0, len(hosts))
 	for _, h := range hosts {
-		le := listEntry{Host: h.ID, State: string(h.State), Created: h.Created, Updated: h.Updated, Keys: []string{}}
+		le := listEntry{Host: h.ID, State: string(h.Lifecycle()), Created: h.Created, Updated: h.Updated, Keys: []string{}}
 		for _, k := range h.Keys {
 			le.Keys = append(le.Keys, k.ID)
 		}
