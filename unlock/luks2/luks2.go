@@ -25,8 +25,9 @@ type Header struct {
 	Label   string
 	Size    int64 // binary header + JSON area of one copy
 	SeqID   uint64
-	// Secondary is true when the primary copy was damaged and this is the
-	// intact secondary; PrimaryErr then says what was wrong with it.
+	// Secondary is true when the primary copy was damaged, or is older
+	// than the secondary (an interrupted update), and this is the
+	// secondary; PrimaryErr then says what was wrong with the primary.
 	Secondary  bool
 	PrimaryErr error
 	Segments   []Segment
@@ -39,6 +40,13 @@ type Header struct {
 	// reencryption); any is a refusal.
 	Requirements []string
 	KeyslotsSize int64
+
+	// bin and meta are the binary header and the JSON text of the copy
+	// this value was read from (or written as): the writers (write.go)
+	// edit that JSON, so fields we do not model (tokens, flags, priorities)
+	// survive an update exactly as cryptsetup keeps them.
+	bin  []byte
+	meta []byte
 }
 
 // Segment is one LUKS2 data segment.
@@ -199,6 +207,15 @@ var validHeaderSizes = []int64{16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 1
 func ReadHeader(r io.ReaderAt) (*Header, error) {
 	h, sealed, perr := readHeaderAt(r, 0)
 	if perr == nil {
+		// Both copies intact: the higher sequence id wins, as in
+		// cryptsetup. A header update writes the secondary first, so a
+		// power cut between the two writes leaves a newer secondary
+		// beside an older primary, and the update counts from then on.
+		if h2, _, err := readHeaderAt(r, h.Size); err == nil && h2.SeqID > h.SeqID {
+			h2.Secondary = true
+			h2.PrimaryErr = fmt.Errorf("primary copy is stale (sequence id %d, secondary %d): an interrupted header update", h.SeqID, h2.SeqID)
+			return h2, nil
+		}
 		return h, nil
 	}
 	if errors.Is(perr, errVersion) {
@@ -293,6 +310,8 @@ func readHeaderAt(r io.ReaderAt, off int64) (h *Header, sealed int64, err error)
 	}
 	h.Version = ver
 	h.Size = size
+	h.bin = all[:luks2BinSize:luks2BinSize]
+	h.meta = js
 	h.SeqID = binary.BigEndian.Uint64(bin[16:24])
 	h.UUID = cstr(bin[0xa8 : 0xa8+40])
 	h.Label = cstr(bin[0x18 : 0x18+48])
