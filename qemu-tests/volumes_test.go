@@ -68,6 +68,12 @@ func (s *volSetup) start(t *testing.T, ctx context.Context) {
 // volumes:), YAML the test writes itself.
 func (s *volSetup) image(t *testing.T, ctx context.Context, rest string) string {
 	t.Helper()
+	return s.imageWith(t, ctx, rest)
+}
+
+// imageWith is image with extra mkunlockrd build arguments.
+func (s *volSetup) imageWith(t *testing.T, ctx context.Context, rest string, extra ...string) string {
+	t.Helper()
 	k := s.kernel
 	yml := fmt.Sprintf(`key:
   urls:
@@ -86,7 +92,7 @@ modules: [%s]
 	}
 	t.Logf("unlockrd.yaml:\n%s", yml)
 	img := filepath.Join(dir, "initramfs.img")
-	if _, err := harness.RunTool(ctx, s.bins.Mkunlockrd, "build", "-c", cfg, "-m", k.Modules, "-o", img); err != nil {
+	if _, err := harness.RunTool(ctx, s.bins.Mkunlockrd, append([]string{"build", "-c", cfg, "-m", k.Modules, "-o", img}, extra...)...); err != nil {
 		t.Fatal(err)
 	}
 	return img

@@ -415,14 +415,13 @@ func (r *runner) fetch(ctx context.Context, id *identity, start time.Time) (*key
 		if err != nil {
 			return "", err
 		}
-		state := ""
-		if ks.State != "" {
-			state = ", host " + ks.State
+		if ks.State == keyproto.StateNew || ks.State == keyproto.StateRotating {
+			r.con.Printf("key: the key server says host %s is %s", id.host, ks.State)
 		}
 		if id.host == "" {
-			return fmt.Sprintf("%d key(s) from %s%s", len(ks.Keys), ks.Server, state), nil
+			return fmt.Sprintf("%d key(s) from %s", len(ks.Keys), ks.Server), nil
 		}
-		return fmt.Sprintf("%d key(s) for host %s from %s%s", len(ks.Keys), id.host, ks.Server, state), nil
+		return fmt.Sprintf("%d key(s) for host %s from %s", len(ks.Keys), id.host, ks.Server), nil
 	})
 	return ks, line, err
 }

@@ -110,6 +110,9 @@ func checkFresh(path string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("size: %w", err)
 	}
+	if _, err := luks2.Layout(int64(size), formatOptions(int64(size))); err != nil {
+		return "", err
+	}
 	errBlank := blank.Check(f, int64(size))
 	if errBlank == nil {
 		return "blank", nil
@@ -217,7 +220,11 @@ func provision(ctx context.Context, p Prepared, key *secret.Buf, lc Lifecycle, o
 func mkfs(ctx context.Context, path, label string) error {
 	cmd := exec.CommandContext(ctx, ProvisionMkfs, "-q", "-t", "ext4", "-L", label,
 		"-E", "lazy_itable_init=1,nodiscard", path)
-	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "MKE2FS_CONFIG=/dev/null"}
+	// No /etc/mke2fs.conf in the image: mke2fs takes its built-in
+	// defaults, the same Debian ships in that file (ext4: has_journal,
+	// extent, huge_file, flex_bg, metadata_csum, 64bit, dir_nlink,
+	// extra_isize).
+	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin"}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("mke2fs %s: %w: %s", path, err, strings.TrimSpace(string(out)))
