@@ -68,6 +68,9 @@ func mke2fsFiles(path string) ([]programFile, error) {
 		}
 		if interp != "" && !seen[interp] {
 			seen[interp] = true
+			// The loader knows itself by its soname: a NEEDED entry
+			// naming it (libc's) needs no second copy.
+			seen[filepath.Base(interp)] = true
 			out = append(out, programFile{host: interp, image: strings.TrimPrefix(interp, "/"), mode: 0o755})
 		}
 		for _, lib := range needed {
