@@ -194,11 +194,11 @@ func TestLifecycleNeverFormatsSignatures(t *testing.T) {
 	s := newVolSetup(t, ctx, func(_, _ []byte) harness.Disk {
 		return harness.Disk{Partitions: []harness.Partition{
 			{Name: "root", Size: 32 << 20, FS: harness.TestRoot("root", harness.TestInitConfig{}, harness.DataMountPoint)},
-			{Name: "ext4", Size: 16 << 20, FS: &harness.Ext4{Label: "old-data"}},
+			{Name: "ext4", Size: 24 << 20, FS: &harness.Ext4{Label: "old-data"}},
 			{Name: "luks", Size: 24 << 20, LUKS: &harness.LUKS{Keys: [][]byte{other}, Label: "luks"}},
-			{Name: "md", Size: 16 << 20, Raw: mdMember()},
-			{Name: "lvm", Size: 16 << 20, Raw: lvmPV()},
-			{Name: "minix", Size: 16 << 20, Raw: minix},
+			{Name: "md", Size: 24 << 20, Raw: mdMember()},
+			{Name: "lvm", Size: 24 << 20, Raw: lvmPV()},
+			{Name: "minix", Size: 24 << 20, Raw: minix},
 		}}
 	})
 	luks := part(t, s.disk, "luks")
@@ -227,8 +227,7 @@ func TestLifecycleNeverFormatsSignatures(t *testing.T) {
 	}
 	img := s.image(t, ctx, "root:\n  device: PARTLABEL=root\nvolumes:\n"+vols.String())
 	vm := s.vm(t, img, []harness.Drive{{Path: s.disk.Path}})
-	for i, n := range []string{"ext4", "md", "lvm", "minix"} {
-		_ = i
+	for _, n := range []string{"ext4", "md", "lvm", "minix"} {
 		vm.ExpectLine(`^unlockrd: .*volume `+n+` on /dev/vda[0-9]: .*; and it is not blank, so provision never formats it: device is not blank`, stageTimeout)
 	}
 	vm.VM.Wait(bootTimeout)

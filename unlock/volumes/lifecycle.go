@@ -110,19 +110,18 @@ func checkFresh(path string) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("size: %w", err)
 	}
+	errBlank := blank.Check(f, int64(size))
+	what := "blank"
+	if errBlank != nil {
+		if int64(size) < blank.MinSize || luks2.Unfinished(f, int64(size), formatOptions(int64(size))) != nil {
+			return "", errBlank // what is there, not what we would have done
+		}
+		what = "an unfinished format of ours"
+	}
 	if _, err := luks2.Layout(int64(size), formatOptions(int64(size))); err != nil {
 		return "", err
 	}
-	errBlank := blank.Check(f, int64(size))
-	if errBlank == nil {
-		return "blank", nil
-	}
-	if int64(size) >= blank.MinSize {
-		if err := luks2.Unfinished(f, int64(size), formatOptions(int64(size))); err == nil {
-			return "an unfinished format of ours", nil
-		}
-	}
-	return "", errBlank
+	return what, nil
 }
 
 // faultDev counts every write to the device as a step of flow.
