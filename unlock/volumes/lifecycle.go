@@ -106,7 +106,7 @@ func checkFresh(path string) (string, error) {
 		return "", err
 	}
 	defer f.Close()
-	size, err := blockSize(f)
+	size, err := deviceSize(f)
 	if err != nil {
 		return "", fmt.Errorf("size: %w", err)
 	}
@@ -338,4 +338,16 @@ func repairPrimary(ctx context.Context, p Prepared, key, vk *secret.Buf, lc Life
 	}
 	_, _, err = luks2.AddKeyslot(ctx, faultDev{File: f, lc: lc, flow: FlowProvision}, h, vk, key, nil)
 	return err
+}
+
+// deviceSize is a block device's size, or an image file's.
+func deviceSize(f *os.File) (uint64, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	if fi.Mode().IsRegular() {
+		return uint64(fi.Size()), nil
+	}
+	return blockSize(f)
 }
