@@ -125,3 +125,51 @@ func (o overlay) ReadAt(p []byte, off int64) (int, error) {
 	}
 	return n, err
 }
+
+// FuzzFormatRoundTrip formats devices of random sizes with random
+// options: Format fails exactly when Layout does, and what it writes reads
+// back, validates, opens with the passphrase to the volume key, and has
+// the data segment Layout promised.
+func FuzzFormatRoundTrip(f *testing.F) {
+	f.Add(int64(17<<20), uint8(0), int64(0), "data", int64(1))
+	f.Add(int64(16<<20+4096), uint8(3), int64(0), "", int64(2))
+	f.Add(int64(1<<40+511), uint8(1), int64(1<<20), "a label of forty-seven bytes, the longest kept", int64(3))
+	f.Add(int64(20<<20), uint8(2), int64(3<<20+512), "x", int64(4))
+	f.Fuzz(func(t *testing.T, size int64, sector uint8, tail int64, label string, seed int64) {
+		if size < 0 || size > 1<<50 || len(label) > 100 {
+			return
+		}
+		opt := FormatOptions{SectorSize: []int{0, 512, 4096, 1024, 2048, 999}[int(sector)%6], TailReserve: tail, Label: label, Rand: seededRand(seed)}
+		l, lerr := Layout(size, opt)
+		vk := testVK(seed)
+		d := newMemDev(nil, size)
+		h, err := Format(context.Background(), d, size, vk, buf(testPass), opt)
+		if lerr != nil || len(label) >= 48 || strings.IndexByte(label, 0) >= 0 {
+			if err == nil {
+				t.Fatalf("Layout refuses (%v) but Format formats", lerr)
+			}
+			return
+		}
+		if err != nil {
+			t.Fatalf("Layout %+v, Format: %v", l, err)
+		}
+		got, err := ReadHeader(d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := DefaultPolicy().Validate(got); err != nil {
+			t.Fatal(err)
+		}
+		if got.Label != label || got.UUID != h.UUID || got.SeqID != h.SeqID {
+			t.Fatalf("read back %q %s %d, wrote %q %s %d", got.Label, got.UUID, got.SeqID, label, h.UUID, h.SeqID)
+		}
+		off, n, err := got.DataOffset(size)
+		if err != nil || off != l.Offset || n != l.Size || got.Segments[0].SectorSize != l.SectorSize {
+			t.Fatalf("segment %d+%d (%v), layout %+v", off, n, err, l)
+		}
+		key, _, _, err := FindKey(context.Background(), d, got, keyBufs(testPass))
+		if err != nil || !bytes.Equal(key.Bytes(), vk.Bytes()) {
+			t.Fatalf("FindKey: %v", err)
+		}
+	})
+}

@@ -1,7 +1,9 @@
 package luks2
 
 import (
+	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand"
@@ -14,11 +16,13 @@ import (
 	"github.com/unlockrd/unlockrd/unlock/luks2/luks2test"
 )
 
-// memDev is an in-memory Device that records every write and sync, so a
-// test can rebuild what a disk would hold after a power cut at any point,
-// and can be told to fail a write or a sync.
+// memDev is an in-memory Device of size bytes that records every write
+// and sync, so a test can rebuild what a disk would hold after a power
+// cut at any point, and can be told to fail a write or a sync. It keeps
+// only b, the bytes up to the furthest write; the rest reads as zero.
 type memDev struct {
 	b     []byte
+	size  int64
 	ops   []op
 	failW int // the failW-th write (1-based) returns an error; 0: none
 	failS int // the failS-th sync returns an error
@@ -34,17 +38,35 @@ type op struct {
 
 var errInjected = errors.New("injected I/O error")
 
-func newMemDev(b []byte) *memDev { return &memDev{b: slices.Clone(b)} }
+func newMemDev(b []byte, size int64) *memDev { return &memDev{b: slices.Clone(b), size: size} }
 
-func (d *memDev) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 || off >= int64(len(d.b)) {
-		return 0, fmt.Errorf("read at %d beyond %d", off, len(d.b))
+// img is a device of size bytes whose first len(b) bytes are b, the rest
+// zero.
+type img struct {
+	b    []byte
+	size int64
+}
+
+func (m img) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 || off+int64(len(p)) > m.size {
+		return 0, fmt.Errorf("read of %d at %d beyond %d", len(p), off, m.size)
 	}
-	n := copy(p, d.b[off:])
-	if n < len(p) {
-		return n, fmt.Errorf("short read at %d", off)
+	clear(p)
+	if off < int64(len(m.b)) {
+		copy(p, m.b[off:])
 	}
-	return n, nil
+	return len(p), nil
+}
+
+func (d *memDev) ReadAt(p []byte, off int64) (int, error) { return img{d.b, d.size}.ReadAt(p, off) }
+
+// put copies p to off in b, growing b as needed.
+func put(b []byte, p []byte, off int64) []byte {
+	if end := off + int64(len(p)); end > int64(len(b)) {
+		b = append(b, make([]byte, end-int64(len(b)))...)
+	}
+	copy(b[off:], p)
+	return b
 }
 
 func (d *memDev) WriteAt(p []byte, off int64) (int, error) {
@@ -52,10 +74,10 @@ func (d *memDev) WriteAt(p []byte, off int64) (int, error) {
 	if d.nw == d.failW {
 		return 0, errInjected
 	}
-	if off < 0 || off+int64(len(p)) > int64(len(d.b)) {
-		return 0, fmt.Errorf("write at %d beyond %d", off, len(d.b))
+	if off < 0 || off+int64(len(p)) > d.size {
+		return 0, fmt.Errorf("write at %d beyond %d", off, d.size)
 	}
-	copy(d.b[off:], p)
+	d.b = put(d.b, p, off)
 	d.ops = append(d.ops, op{off, slices.Clone(p)})
 	return len(p), nil
 }
@@ -99,7 +121,7 @@ func cuts(start []byte, ops []op) []cut {
 	apply := func(base []byte, ws []op) []byte {
 		s := slices.Clone(base)
 		for _, w := range ws {
-			copy(s[w.off:], w.data)
+			s = put(s, w.data, w.off)
 		}
 		return s
 	}
@@ -111,7 +133,9 @@ func cuts(start []byte, ops []op) []cut {
 			continue
 		}
 		pending = append(pending, o)
-		name := func(f string, a ...any) string { return fmt.Sprintf("write %d (%d bytes at %d): ", k+1, len(o.data), o.off) + fmt.Sprintf(f, a...) }
+		name := func(f string, a ...any) string {
+			return fmt.Sprintf("write %d (%d bytes at %d): ", k+1, len(o.data), o.off) + fmt.Sprintf(f, a...)
+		}
 		out = append(out, cut{name("nothing since the last sync"), slices.Clone(synced)})
 		out = append(out, cut{name("all of it"), apply(synced, pending)})
 		if len(pending) > 1 {
@@ -158,14 +182,14 @@ func newOracle(t *testing.T) *oracle {
 
 // opens reports whether cryptsetup takes img as LUKS (key "") and which of
 // keys open it (open --test-passphrase).
-func (o *oracle) opens(img []byte, keys ...[]byte) map[string]bool {
+func (o *oracle) opens(dev img, keys ...[]byte) map[string]bool {
 	o.t.Helper()
-	sum := sha256.Sum256(img)
+	sum := sha256.Sum256(append(binary.BigEndian.AppendUint64(nil, uint64(dev.size)), bytes.TrimRight(dev.b, "\x00")...))
 	if r, ok := o.seen[sum]; ok {
 		return r
 	}
 	path := filepath.Join(o.dir, "state.img")
-	writeSparse(o.t, path, img)
+	writeSparse(o.t, path, dev)
 	r := map[string]bool{}
 	o.runs++
 	r[""] = exec.Command("cryptsetup", "isLuks", path).Run() == nil
@@ -175,7 +199,7 @@ func (o *oracle) opens(img []byte, keys ...[]byte) map[string]bool {
 			o.t.Fatal(err)
 		}
 		// A copy per key: cryptsetup repairs a damaged copy when it can.
-		writeSparse(o.t, path, img)
+		writeSparse(o.t, path, dev)
 		o.runs++
 		r[string(k)] = exec.Command("cryptsetup", "open", "--test-passphrase", "--key-file", kf, path).Run() == nil
 	}
@@ -185,23 +209,27 @@ func (o *oracle) opens(img []byte, keys ...[]byte) map[string]bool {
 
 // writeSparse writes img to path as a sparse file: only its non-zero
 // 64 KiB chunks are written (the test devices are mostly zero).
-func writeSparse(t *testing.T, path string, img []byte) {
+func writeSparse(t *testing.T, path string, dev img) {
 	t.Helper()
 	f, err := os.Create(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	if err := f.Truncate(int64(len(img))); err != nil {
+	if err := f.Truncate(dev.size); err != nil {
 		t.Fatal(err)
 	}
 	const chunk = 64 << 10
-	for off := 0; off < len(img); off += chunk {
-		c := img[off:min(off+chunk, len(img))]
-		if slices.ContainsFunc(c, func(b byte) bool { return b != 0 }) {
+	for off := 0; off < len(dev.b); off += chunk {
+		c := dev.b[off:min(off+chunk, len(dev.b))]
+		if !allZero(c) {
 			if _, err := f.WriteAt(c, int64(off)); err != nil {
 				t.Fatal(err)
 			}
 		}
 	}
 }
+
+func allZero(b []byte) bool { return len(bytes.TrimRight(b, "\x00")) == 0 }
+
+func (d *memDev) img() img { return img{d.b, d.size} }

@@ -14,8 +14,10 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/unlockrd/unlockrd/unlock/secret"
 	"golang.org/x/crypto/xts"
@@ -163,6 +165,9 @@ func randOr(r io.Reader) io.Reader {
 	}
 	return r
 }
+
+// uuidRE is the UUID spelling cryptsetup accepts for --uuid.
+var uuidRE = regexp.MustCompile(`^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$`)
 
 // stampSubsystem marks the sector BeginFormat writes: no header cryptsetup
 // or we write carries it, and the sector has no checksum.
@@ -315,8 +320,11 @@ func formatDev(ctx context.Context, dev Device, size int64, volumeKey, passphras
 			return nil, err
 		}
 	}
-	if len(uuid) >= 40 || len(opt.Label) >= 48 {
-		return nil, fmt.Errorf("format: UUID %q or label %q too long", uuid, opt.Label)
+	if !uuidRE.MatchString(uuid) {
+		return nil, fmt.Errorf("format: UUID %q is not a UUID", uuid)
+	}
+	if len(opt.Label) >= 48 || strings.IndexByte(opt.Label, 0) >= 0 {
+		return nil, fmt.Errorf("format: label %q is longer than 47 bytes or holds a NUL", opt.Label)
 	}
 	if _, err := BeginFormat(ctx, dev, size, opt); err != nil {
 		return nil, err

@@ -106,6 +106,9 @@ func checkVolume(ctx context.Context, path string, o checkOptions, key []byte, w
 	if err != nil {
 		fmt.Fprintf(w, "%s: refused, the boot would try no key on it:\n", path)
 		printReasons(w, err)
+		if size, serr := f.Seek(0, io.SeekEnd); serr == nil && luks2.Unfinished(f, size, luks2.FormatOptions{}) == nil {
+			fmt.Fprintf(w, "  (an unfinished unlockrd format: only the marker of an interrupted first-boot format is there, no volume)\n")
+		}
 		return false
 	}
 	pol := luks2.DefaultPolicy()

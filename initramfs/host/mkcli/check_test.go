@@ -2,11 +2,14 @@ package mkcli_test
 
 import (
 	"bytes"
+	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/unlockrd/unlockrd/unlock/luks2"
 )
 
 // checkKey is the key of the volumes made here; it must never be printed.
@@ -150,6 +153,19 @@ func TestCheckRefused(t *testing.T) {
 		t.Fatalf("oracle: cryptsetup luksDump accepts the tampered header:\n%s", out)
 	}
 	primary := tamper("primary.img", json0)
+	// An interrupted first-boot format: only the marker is there.
+	unfinished := filepath.Join(dir, "unfinished.img")
+	uf, err := os.Create(unfinished)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := uf.Truncate(17 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := luks2.BeginFormat(context.Background(), uf, 17<<20, luks2.FormatOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	uf.Close()
 
 	for _, tc := range []struct {
 		path string
@@ -161,6 +177,7 @@ func TestCheckRefused(t *testing.T) {
 		{blank, 1, []string{"refused", "no LUKS magic"}},
 		{filepath.Join(dir, "missing.img"), 1, []string{"refused", "no such file"}},
 		{primary, 0, []string{"accepted", "primary copy damaged", "the boot uses the intact secondary copy"}},
+		{unfinished, 1, []string{"refused", "an unfinished unlockrd format"}},
 	} {
 		var r result
 		if _, err := os.Stat(tc.path); err == nil {
@@ -177,6 +194,10 @@ func TestCheckRefused(t *testing.T) {
 			}
 		}
 		noSecret(t, r)
+	}
+
+	if r := mk(t, dir, nil, "check", blank); strings.Contains(r.stdout, "unfinished") {
+		t.Errorf("a blank file is called an unfinished format:\n%s", r.stdout)
 	}
 
 	// Several volumes: every one is reported, one refusal fails the lot.
