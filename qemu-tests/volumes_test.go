@@ -68,6 +68,12 @@ func (s *volSetup) start(t *testing.T, ctx context.Context) {
 // volumes:), YAML the test writes itself.
 func (s *volSetup) image(t *testing.T, ctx context.Context, rest string) string {
 	t.Helper()
+	return s.imageWith(t, ctx, rest)
+}
+
+// imageWith is image with extra mkunlockrd build arguments.
+func (s *volSetup) imageWith(t *testing.T, ctx context.Context, rest string, extra ...string) string {
+	t.Helper()
 	k := s.kernel
 	yml := fmt.Sprintf(`key:
   urls:
@@ -86,7 +92,7 @@ modules: [%s]
 	}
 	t.Logf("unlockrd.yaml:\n%s", yml)
 	img := filepath.Join(dir, "initramfs.img")
-	if _, err := harness.RunTool(ctx, s.bins.Mkunlockrd, "build", "-c", cfg, "-m", k.Modules, "-o", img); err != nil {
+	if _, err := harness.RunTool(ctx, s.bins.Mkunlockrd, append([]string{"build", "-c", cfg, "-m", k.Modules, "-o", img}, extra...)...); err != nil {
 		t.Fatal(err)
 	}
 	return img
@@ -169,9 +175,12 @@ volumes:
 	vm.ExpectLine(`^unlockrd: devices: root=/dev/vda1 \(LUKS2\) data=/dev/vda2 swap=/dev/vda3, LUKS2 headers valid`, stageTimeout)
 	vm.ExpectLine(`^unlockrd: key: 2 key\(s\) for host `+s.uuid, stageTimeout)
 	for i, name := range []string{"root", "data", "swap"} {
-		// The current (new) key fails, the old one (key 2) opens slot 0.
+		// The current (new) key fails, the old one (key 2) opens slot 0;
+		// the boot moves the volume to the new key (issue 11).
 		vm.ExpectLine(fmt.Sprintf(`^unlockrd: volumes: volume %s: /dev/vda%d opened with key 2 of 2, keyslot 0 -> /dev/mapper/%s `, name, i+1, name), stageTimeout)
+		vm.ExpectLine(fmt.Sprintf(`^unlockrd: volumes: volume %s: /dev/vda%d: added keyslot 1 for key 1, removed keyslot 0 of the older key$`, name, i+1), stageTimeout)
 	}
+	vm.ExpectLine(`^unlockrd: key: confirmed rotated with key [0-9.-]+ to `, stageTimeout)
 	rep := vm.ExpectReport(bootTimeout)
 	if rep.Root != "/dev/mapper/root ext4" {
 		t.Errorf("root = %q, want /dev/mapper/root ext4 (type detected)", rep.Root)
@@ -207,6 +216,7 @@ volumes:
 		}
 	}
 	vm.Wait(bootTimeout)
+	checkRotated(t, ctx, s, []string{"root", "data", "swap"})
 	// The swap signature was written inside the mapping, so the disk
 	// holds it only encrypted.
 	plain, err := s.disk.Decrypt("swap")
@@ -469,4 +479,40 @@ func TestVolumesEncryptedRootFromSecondaryHeader(t *testing.T) {
 		t.Errorf("root = %q, want /dev/mapper/root ext4", rep.Root)
 	}
 	vm.Wait(bootTimeout)
+}
+
+// checkRotated checks from outside that each named LUKS partition opens
+// with the host's current key only (cryptsetup, on the image), with one
+// keyslot left, and that the key server finished the rotation itself:
+// state active, one key.
+func checkRotated(t *testing.T, ctx context.Context, s *volSetup, names []string) {
+	t.Helper()
+	cur, err := harness.HostKey(ctx, s.bins.KeyServer, s.data, s.uuid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, n := range names {
+		file, err := s.disk.ExtractPartition(n, dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dump, err := harness.LuksDump(ctx, file)
+		if err != nil {
+			t.Errorf("%s: %v", n, err)
+			continue
+		}
+		if c := strings.Count(dump, ": luks2\n"); c != 1 {
+			t.Errorf("%s: %d keyslots after the rotation, want 1:\n%s", n, c, dump)
+		}
+		if slot, err := harness.CryptsetupOpens(ctx, file, cur); err != nil || slot < 0 {
+			t.Errorf("%s: the current key does not open it (slot %d, %v)", n, slot, err)
+		}
+		if slot, err := harness.CryptsetupOpens(ctx, file, s.key); err != nil || slot >= 0 {
+			t.Errorf("%s: the old key still opens it (slot %d, %v)", n, slot, err)
+		}
+	}
+	if st, ids, err := harness.HostState(ctx, s.bins.KeyServer, s.data, s.uuid); err != nil || st != "active" || len(ids) != 1 {
+		t.Errorf("key server after the rotation: state %q keys %v (%v), want active with one key", st, ids, err)
+	}
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/unlockrd/unlockrd/initramfs/sysroot"
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
 	"github.com/unlockrd/unlockrd/netboot/netup"
+	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/keys"
 	"github.com/unlockrd/unlockrd/unlock/volumes"
 	"golang.org/x/sys/unix"
@@ -117,6 +118,8 @@ type runner struct {
 	con *Console
 	cfg *config.Config
 	bg  *group
+	// faults is the fault-injection hook of test images (nil otherwise).
+	faults *faults
 }
 
 // stage runs f with a deadline and prints "name: summary (1.23s)".
@@ -168,6 +171,7 @@ func Run(ctx context.Context, o Options, kernelUptime time.Duration) error {
 		return &Fatal{Err: err}
 	}
 	r.cfg = cfg
+	r.faults = newFaults(o.ImageRoot, o.Cmdline, o.Console)
 	r.bg = newGroup(ctx)
 	ctx = r.bg.ctx
 	defer r.bg.stop(nil)
@@ -382,9 +386,10 @@ func (r *runner) keysAndUnlock(ctx context.Context, id *identity, mods *backgrou
 		opened = append(opened, got...)
 		pending = pending[len(got):]
 		if err == nil {
+			r.confirm(ctx, id, start, ks, opened)
 			return dev.root, opened, nil
 		}
-		if !errors.Is(err, volumes.ErrNoKey) {
+		if !errors.Is(err, volumes.ErrNoKey) && !errors.Is(err, volumes.ErrNotNew) {
 			return dev.root, nil, r.bg.fatal(err, false)
 		}
 		wait := r.st.Refetch.Delay(round)
@@ -406,18 +411,12 @@ func (r *runner) fetch(ctx context.Context, id *identity, start time.Time) (*key
 	var ks *keys.Keys
 	line, err := timed(ctx, "key", 0, func(ctx context.Context) (string, error) {
 		var err error
-		ks, err = r.st.Fetch(ctx, keys.Config{
-			URLs:           r.cfg.Key.URLs,
-			Pins:           r.cfg.Key.Pins,
-			CAs:            r.cfg.Key.CA.Certs(),
-			Host:           id.host,
-			Token:          id.token,
-			AttemptTimeout: r.cfg.Key.AttemptTimeout.D(),
-			GiveUpAfter:    r.cfg.Key.GiveUpAfter.D(),
-			Since:          start,
-		}, ulog.Prefixed(r.con, "key"))
+		ks, err = r.st.Fetch(ctx, r.keyConfig(id, start), ulog.Prefixed(r.con, "key"))
 		if err != nil {
 			return "", err
+		}
+		if ks.State == keyproto.StateNew || ks.State == keyproto.StateRotating {
+			r.con.Printf("key: the key server says host %s is %s", id.host, ks.State)
 		}
 		if id.host == "" {
 			return fmt.Sprintf("%d key(s) from %s", len(ks.Keys), ks.Server), nil
@@ -427,12 +426,82 @@ func (r *runner) fetch(ctx context.Context, id *identity, start time.Time) (*key
 	return ks, line, err
 }
 
+func (r *runner) keyConfig(id *identity, start time.Time) keys.Config {
+	return keys.Config{
+		URLs:           r.cfg.Key.URLs,
+		Pins:           r.cfg.Key.Pins,
+		CAs:            r.cfg.Key.CA.Certs(),
+		Host:           id.host,
+		Token:          id.token,
+		AttemptTimeout: r.cfg.Key.AttemptTimeout.D(),
+		GiveUpAfter:    r.cfg.Key.GiveUpAfter.D(),
+		Since:          start,
+	}
+}
+
+// confirm tells the key server what this boot's volumes show (DESIGN
+// §5): while the host is new, that they open with the current key
+// (provisioned now or by an earlier boot that was cut before it could
+// say so); while it is rotating, that every one of them opens with the
+// current key only. A failure is printed and the boot goes on: the next
+// boot confirms again.
+func (r *runner) confirm(ctx context.Context, id *identity, start time.Time, ks *keys.Keys, opened []volumes.Opened) {
+	if r.st.Confirm == nil || len(ks.IDs) == 0 || ks.IDs[0] == "" {
+		return
+	}
+	var event string
+	switch ks.State {
+	case keyproto.StateNew:
+		event = keyproto.EventProvisioned
+	case keyproto.StateRotating:
+		event = keyproto.EventRotated
+	default:
+		return
+	}
+	keyed := 0
+	for _, o := range opened {
+		if o.Key < 0 {
+			continue // random-key swap: no key of the server's
+		}
+		keyed++
+		if !o.Current {
+			r.con.Printf("key: volume %s does not open with key 1 (%s) alone yet: not confirming %s", o.Spec.Name, ks.IDs[0], event)
+			return
+		}
+	}
+	if keyed == 0 {
+		return
+	}
+	if r.faults != nil {
+		flow := volumes.FlowProvision
+		if event == keyproto.EventRotated {
+			flow = volumes.FlowRotate
+		}
+		r.faults.Step(flow, "confirm "+event+" to the key server")
+	}
+	c := keyproto.Confirmation{Event: event, Key: ks.IDs[0]}
+	line, err := timed(ctx, "key", 0, func(ctx context.Context) (string, error) {
+		if err := r.st.Confirm(ctx, r.keyConfig(id, start), ks, c); err != nil {
+			return "", fmt.Errorf("%w; the next boot confirms again", err)
+		}
+		return fmt.Sprintf("confirmed %s with key %s to %s", event, c.Key, ks.Server), nil
+	})
+	if err != nil {
+		line = err.Error()
+	}
+	r.con.Printf("%s", line)
+}
+
 // unlock is the key half of stage 6.
 func (r *runner) unlock(ctx context.Context, pending []volumes.Prepared, ks *keys.Keys) ([]volumes.Opened, error) {
 	var got []volumes.Opened
 	err := r.stage(ctx, "volumes", 0, func(ctx context.Context) (string, error) {
 		var err error
-		got, err = r.st.Unlock(ctx, pending, ks.Keys, ulog.Prefixed(r.con, "volumes"))
+		lc := volumes.Lifecycle{New: ks.State == keyproto.StateNew, Rotating: ks.State == keyproto.StateRotating}
+		if r.faults != nil {
+			lc.Faults = r.faults
+		}
+		got, err = r.st.Unlock(ctx, pending, ks.Keys, lc, ulog.Prefixed(r.con, "volumes"))
 		if err != nil {
 			return "", err
 		}

@@ -86,7 +86,7 @@ func newFixture(t *testing.T) *fixture {
 		Fetch: func(ctx context.Context, cfg keys.Config, log ulog.Logger) (*keys.Keys, error) {
 			return &keys.Keys{Keys: []*secret.Buf{secret.From([]byte("key-1"))}, Server: "10.0.2.2:8443"}, nil
 		},
-		Unlock: func(ctx context.Context, vols []volumes.Prepared, ks []*secret.Buf, log ulog.Logger) ([]volumes.Opened, error) {
+		Unlock: func(ctx context.Context, vols []volumes.Prepared, ks []*secret.Buf, _ volumes.Lifecycle, log ulog.Logger) ([]volumes.Opened, error) {
 			var out []volumes.Opened
 			for _, v := range vols {
 				out = append(out, volumes.Opened{Spec: v.Spec, Path: "/dev/mapper/" + v.Spec.Name})
@@ -336,7 +336,7 @@ func TestRefetchGivesUpAndReboots(t *testing.T) {
 		}
 		return &keys.Keys{Keys: []*secret.Buf{secret.From([]byte("old-key"))}, Server: "10.0.2.2:8443"}, nil
 	}
-	f.st.Unlock = func(ctx context.Context, vols []volumes.Prepared, ks []*secret.Buf, log ulog.Logger) ([]volumes.Opened, error) {
+	f.st.Unlock = func(ctx context.Context, vols []volumes.Prepared, ks []*secret.Buf, _ volumes.Lifecycle, log ulog.Logger) ([]volumes.Opened, error) {
 		return nil, fmt.Errorf("volume data on /dev/vda2: %w (1 key tried on 1 keyslot); nothing was written to it", volumes.ErrNoKey)
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
@@ -371,7 +371,7 @@ func TestRefetchWaitHonoursContext(t *testing.T) {
 	f := newFixture(t)
 	f.st.Refetch = retry.Backoff{Base: time.Hour, Cap: time.Hour}
 	ctx, cancel := context.WithCancel(t.Context())
-	f.st.Unlock = func(context.Context, []volumes.Prepared, []*secret.Buf, ulog.Logger) ([]volumes.Opened, error) {
+	f.st.Unlock = func(context.Context, []volumes.Prepared, []*secret.Buf, volumes.Lifecycle, ulog.Logger) ([]volumes.Opened, error) {
 		cancel() // the host is told to stop while it waits
 		return nil, volumes.ErrNoKey
 	}
@@ -397,7 +397,7 @@ func TestCleanupKeysWiped(t *testing.T) {
 		return &keys.Keys{Keys: []*secret.Buf{secret.From(a), secret.From(b)}, Server: "10.0.2.2:8443"}, nil
 	}
 	unlocks := 0
-	f.st.Unlock = func(ctx context.Context, vols []volumes.Prepared, ks []*secret.Buf, log ulog.Logger) ([]volumes.Opened, error) {
+	f.st.Unlock = func(ctx context.Context, vols []volumes.Prepared, ks []*secret.Buf, _ volumes.Lifecycle, log ulog.Logger) ([]volumes.Opened, error) {
 		unlocks++
 		if unlocks == 1 {
 			return nil, volumes.ErrNoKey

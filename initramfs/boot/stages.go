@@ -15,6 +15,7 @@ import (
 	"github.com/unlockrd/unlockrd/initramfs/sysroot"
 	"github.com/unlockrd/unlockrd/initramfs/ulog"
 	"github.com/unlockrd/unlockrd/netboot/netup"
+	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"github.com/unlockrd/unlockrd/unlock/keys"
 	"github.com/unlockrd/unlockrd/unlock/volumes"
 )
@@ -37,7 +38,10 @@ type Stages struct {
 	Fetch func(ctx context.Context, cfg keys.Config, log ulog.Logger) (*keys.Keys, error)
 	// Unlock opens the prepared volumes in order with the first key that
 	// fits; it returns those it opened before a failure.
-	Unlock func(ctx context.Context, vols []volumes.Prepared, keys []*secret.Buf, log ulog.Logger) ([]volumes.Opened, error)
+	Unlock func(ctx context.Context, vols []volumes.Prepared, keys []*secret.Buf, lc volumes.Lifecycle, log ulog.Logger) ([]volumes.Opened, error)
+	// Confirm tells the key server what the host did with its keys
+	// (provisioned, rotated); nil skips it.
+	Confirm func(ctx context.Context, cfg keys.Config, ks *keys.Keys, c keyproto.Confirmation) error
 	// Swap makes a swap signature if missing and enables the swap.
 	Swap func(path string, log ulog.Logger) error
 	// Mount mounts root and the data volumes under newRoot.
@@ -73,9 +77,10 @@ func DefaultStages() Stages {
 			return n, nil
 		},
 		Fetch: keys.Fetch,
-		Unlock: func(ctx context.Context, vols []volumes.Prepared, ks []*secret.Buf, log ulog.Logger) ([]volumes.Opened, error) {
-			return volumes.Unlock(ctx, vols, ks, volumes.Options{}, log)
+		Unlock: func(ctx context.Context, vols []volumes.Prepared, ks []*secret.Buf, lc volumes.Lifecycle, log ulog.Logger) ([]volumes.Opened, error) {
+			return volumes.Unlock(ctx, vols, ks, lc, volumes.Options{}, log)
 		},
+		Confirm: keys.Confirm,
 		Swap:       volumes.EnsureSwap,
 		Mount:      sysroot.MountAll,
 		SwitchRoot: sysroot.SwitchRoot,
@@ -120,7 +125,8 @@ func prepare(ctx context.Context, cfg *config.Config, log ulog.Logger) (blockdev
 	}
 	for _, v := range cfg.Volumes {
 		specs = append(specs, volumes.Spec{Name: v.Name, Device: v.Device, Swap: v.Swap.On(),
-			RandomSwap: v.Swap == config.SwapRandom, AllowDiscards: v.AllowDiscards, NoWorkqueue: v.WorkqueueBypass()})
+			RandomSwap: v.Swap == config.SwapRandom, AllowDiscards: v.AllowDiscards, NoWorkqueue: v.WorkqueueBypass(),
+			Provision: v.Provision})
 	}
 	// Volumes are checked even when root is missing: one boot reports
 	// every problem.

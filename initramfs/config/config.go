@@ -95,6 +95,25 @@ type Volume struct {
 	// NoWorkqueue sets dm-crypt's no_read_workqueue and no_write_workqueue
 	// on kernels ≥ 5.9; nil means true (the default).
 	NoWorkqueue *bool `yaml:"no_workqueue" json:"no_workqueue,omitempty"`
+	// Provision lets the boot format the device at first boot: only when
+	// it carries no signature at all (unlock/blank) and the key server
+	// says the host's key is new; a data volume gets an ext4 file system
+	// (the image then carries mke2fs), a swap volume its swap signature.
+	Provision bool `yaml:"provision" json:"provision,omitempty"`
+}
+
+// ProvisionFSType is the file system a provisioned data volume gets.
+const ProvisionFSType = "ext4"
+
+// NeedsMkfs reports whether a volume provisions a file system, so the
+// image must carry mke2fs.
+func (c *Config) NeedsMkfs() bool {
+	for _, v := range c.Volumes {
+		if v.Provision && !v.Swap.On() {
+			return true
+		}
+	}
+	return false
 }
 
 // SwapMode is how a volume is used as swap.
@@ -249,6 +268,17 @@ func (c *Config) Validate() error {
 		}
 		if err := ValidateDeviceRef(v.Device); err != nil {
 			return fieldErr(f+".device", err.Error())
+		}
+		if v.Provision {
+			if v.Swap == SwapRandom {
+				return fieldErr(f+".provision", "swap: random is never formatted (it gets a fresh key every boot)")
+			}
+			if k, _, _ := strings.Cut(v.Device, "="); k != "PARTUUID" && k != "PARTLABEL" {
+				return fieldErr(f+".device", fmt.Sprintf("%q: provision formats the partition, so it must be named by PARTUUID= or PARTLABEL=", v.Device))
+			}
+			if !v.Swap.On() && v.FSType != "" && v.FSType != ProvisionFSType {
+				return fieldErr(f+".fstype", fmt.Sprintf("%q: provision makes %s file systems only", v.FSType, ProvisionFSType))
+			}
 		}
 		if v.Swap.On() {
 			if v.Mount != "" || v.FSType != "" {

@@ -91,13 +91,22 @@ func TestParseErrorsNameTheField(t *testing.T) {
 		{"bad duration", "5s", "5 parsecs", "attempt_timeout"},
 		{"literal token", "token: credential", "token: hunter2", "key.token"},
 		{"bad module", "dm_crypt,", "dm crypt,", "modules[3]"},
+		{"provision by label", "    options: [noatime]\n", "    options: [noatime]\n    provision: true\n", "no error"},
+		{"provision on random swap", "    swap: true", "    swap: random\n    provision: true", "volumes[1].provision"},
+		{"provision other fs", "    fstype: ext4\n    options: [noatime]", "    fstype: xfs\n    provision: true", "volumes[0].fstype"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			in := strings.Replace(good, tc.from, tc.to, 1)
 			if in == good {
 				t.Fatalf("test case did not change the input")
 			}
-			_, err := yamlconfig.Parse([]byte(in))
+			c, err := yamlconfig.Parse([]byte(in))
+			if tc.field == "no error" {
+				if err != nil || !c.Volumes[0].Provision || !c.NeedsMkfs() {
+					t.Fatalf("%v (provision %v)", err, c != nil && c.Volumes[0].Provision)
+				}
+				return
+			}
 			if err == nil {
 				t.Fatalf("no error")
 			}
@@ -105,6 +114,14 @@ func TestParseErrorsNameTheField(t *testing.T) {
 				t.Errorf("error %q does not name %q", err, tc.field)
 			}
 		})
+	}
+}
+
+func TestProvisionNeedsExactPartition(t *testing.T) {
+	in := strings.Replace(good, "    device: PARTLABEL=data\n", "    device: /dev/vdb\n    provision: true\n", 1)
+	_, err := yamlconfig.Parse([]byte(in))
+	if err == nil || !strings.Contains(err.Error(), "volumes[0].device") {
+		t.Fatalf("provision on /dev/vdb: %v", err)
 	}
 }
 

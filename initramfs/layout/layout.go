@@ -27,6 +27,13 @@ const (
 	// ModulesRoot is the module tree: ModulesRoot/<release>/<path in the
 	// kernel's module tree>.
 	ModulesRoot = "lib/modules"
+	// Mke2fsPath is mke2fs (Debian's, with the shared libraries it needs
+	// at their own paths), carried only when a volume says provision.
+	Mke2fsPath = "usr/sbin/mke2fs"
+	// TestFaultsPath marks an image built for fault-injection tests
+	// (mkunlockrd build --test-faults): only such an image honours
+	// rd.unlockrd.test-poweroff-at=. Production images never carry it.
+	TestFaultsPath = "etc/unlockrd/test-faults"
 )
 
 // Module is one entry of the load list, a JSON array in load order.

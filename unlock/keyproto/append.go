@@ -14,11 +14,25 @@ import (
 // Encode, through encoding/json, leaves copies in immutable strings and in
 // the encoder's pooled buffers.
 func AppendJSON(dst []byte, ids []string, keys [][]byte) ([]byte, error) {
+	return AppendResponse(dst, "", ids, keys)
+}
+
+// AppendResponse is AppendJSON with the host's state (Response.State),
+// left out when empty.
+func AppendResponse(dst []byte, state string, ids []string, keys [][]byte) ([]byte, error) {
 	if len(ids) != len(keys) {
 		return nil, errors.New("keyproto: ids and keys differ in length")
 	}
 	qids := make([][]byte, len(ids))
-	n := len(`{"keys":[]}`) + max(len(ids)-1, 0) // the commas
+	var qstate []byte
+	if state != "" {
+		q, err := json.Marshal(state)
+		if err != nil {
+			return nil, err
+		}
+		qstate = q
+	}
+	n := len(`{"keys":[],"state":}`) + len(qstate) + max(len(ids)-1, 0) // the commas
 	for i, id := range ids {
 		q, err := json.Marshal(id) // ids are not secret
 		if err != nil {
@@ -39,5 +53,10 @@ func AppendJSON(dst []byte, ids []string, keys [][]byte) ([]byte, error) {
 		dst = base64.StdEncoding.AppendEncode(dst, keys[i])
 		dst = append(dst, `"}`...)
 	}
-	return append(dst, `]}`...), nil
+	dst = append(dst, ']')
+	if qstate != nil {
+		dst = append(dst, `,"state":`...)
+		dst = append(dst, qstate...)
+	}
+	return append(dst, '}'), nil
 }

@@ -2,6 +2,7 @@ package keyproto
 
 import (
 	"bytes"
+	"encoding/json"
 	"testing"
 )
 
@@ -36,5 +37,29 @@ func TestAppendJSONMatchesEncode(t *testing.T) {
 	}
 	if _, err := AppendJSON(nil, []string{"a"}, nil); err == nil {
 		t.Error("length mismatch accepted")
+	}
+}
+
+func TestStateRoundTrip(t *testing.T) {
+	body, err := AppendResponse(nil, StateNew, []string{"2026-12", "2026-11"}, [][]byte{[]byte("n"), []byte("o")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := DecodeResponse(ContentTypeJSON, body)
+	if err != nil || d.State != StateNew || len(d.IDs) != 2 || d.IDs[1] != "2026-11" || string(d.Keys[0]) != "n" {
+		t.Fatalf("DecodeResponse(%s) = %+v, %v", body, d, err)
+	}
+	var r Response
+	if err := json.Unmarshal(body, &r); err != nil || r.State != StateNew {
+		t.Fatalf("encoding/json reads %s as %+v, %v", body, r, err)
+	}
+	d, err = DecodeResponse(ContentTypeJSON, []byte(`{"keys":[{"id":"a","key":"eA=="}]}`))
+	if err != nil || d.State != "" {
+		t.Fatalf("no state: %+v, %v", d, err)
+	}
+	for _, c := range []Confirmation{{"provisioned", ""}, {"formatted", "a"}} {
+		if c.Validate() == nil {
+			t.Errorf("%+v accepted", c)
+		}
 	}
 }

@@ -32,6 +32,65 @@ type Key struct {
 // rest are older or next keys during a rotation.
 type Response struct {
 	Keys []Key `json:"keys"`
+	// State is the host's lifecycle state (StateNew, StateActive,
+	// StateRotating); empty from servers that predate it, which the
+	// client reads as "not new": it never provisions on an empty state.
+	State string `json:"state,omitempty"`
+}
+
+// Host lifecycle states a response may carry.
+const (
+	// StateNew: the current key was never used to format a volume. Only
+	// then may a host format a blank device with it (provision: true).
+	StateNew = "new"
+	// StateActive: the host's volumes use the current key.
+	StateActive = "active"
+	// StateRotating: keys are [next, old...]; the host moves its volumes
+	// to the first key and confirms.
+	StateRotating = "rotating"
+)
+
+// ConfirmSuffix follows the host's key URL for a confirmation: POST
+// <key URL>/confirm with a Confirmation body, same token, same TLS trust.
+const ConfirmSuffix = "/confirm"
+
+// MaxConfirmBody bounds a confirmation body; the server refuses more.
+const MaxConfirmBody = 1 << 10
+
+// Confirmation events.
+const (
+	// EventProvisioned: the host formatted its volumes with key Key (the
+	// current key, served with StateNew), or found them formatted with it.
+	EventProvisioned = "provisioned"
+	// EventRotated: every volume of the host opens with key Key (the
+	// current key) and no longer with the older ones.
+	EventRotated = "rotated"
+)
+
+// Confirmation is the JSON body of a confirmation request. It names key
+// ids only, never key material.
+type Confirmation struct {
+	Event string `json:"event"`
+	Key   string `json:"key"`
+}
+
+// Validate checks the fields of a confirmation.
+func (c Confirmation) Validate() error {
+	if c.Event != EventProvisioned && c.Event != EventRotated {
+		return fmt.Errorf("confirmation: event %q: want %q or %q", c.Event, EventProvisioned, EventRotated)
+	}
+	if c.Key == "" || len(c.Key) > 128 {
+		return fmt.Errorf("confirmation: key id of %d bytes: want 1 to 128", len(c.Key))
+	}
+	return nil
+}
+
+// Decoded is a decoded 200 answer: passphrases in server order, their ids
+// (empty for the raw form) and the host's state (empty when not sent).
+type Decoded struct {
+	Keys  [][]byte
+	IDs   []string
+	State string
 }
 
 // ErrBadResponse is wrapped by every decode error. Decode errors never
@@ -48,24 +107,31 @@ var ErrBadResponse = errors.New("bad key response")
 // raw bytes, unescaped and base64-decoded by hand. Unknown fields are
 // ignored, so that a server can add some without breaking older images.
 func Decode(contentType string, body []byte) ([][]byte, error) {
+	d, err := DecodeResponse(contentType, body)
+	return d.Keys, err
+}
+
+// DecodeResponse is Decode that also returns the key ids and the state.
+func DecodeResponse(contentType string, body []byte) (Decoded, error) {
 	if len(body) > MaxBody {
-		return nil, fmt.Errorf("%w: body of %d bytes exceeds %d", ErrBadResponse, len(body), MaxBody)
+		return Decoded{}, fmt.Errorf("%w: body of %d bytes exceeds %d", ErrBadResponse, len(body), MaxBody)
 	}
 	mt := strings.TrimSpace(strings.ToLower(strings.SplitN(contentType, ";", 2)[0]))
 	switch mt {
 	case ContentTypeRaw:
 		if len(body) == 0 {
-			return nil, fmt.Errorf("%w: empty %s body", ErrBadResponse, ContentTypeRaw)
+			return Decoded{}, fmt.Errorf("%w: empty %s body", ErrBadResponse, ContentTypeRaw)
 		}
 		k := make([]byte, len(body))
 		copy(k, body)
-		return [][]byte{k}, nil
+		return Decoded{Keys: [][]byte{k}, IDs: []string{""}}, nil
 	case ContentTypeJSON:
 		var r struct {
 			Keys []struct {
 				ID  string          `json:"id"`
 				Key json.RawMessage `json:"key"`
 			} `json:"keys"`
+			State string `json:"state"`
 		}
 		err := json.Unmarshal(body, &r)
 		defer func() {
@@ -75,23 +141,25 @@ func Decode(contentType string, body []byte) ([][]byte, error) {
 		}()
 		if err != nil {
 			// json errors may quote input; report only the kind of problem.
-			return nil, fmt.Errorf("%w: invalid JSON key list", ErrBadResponse)
+			return Decoded{}, fmt.Errorf("%w: invalid JSON key list", ErrBadResponse)
 		}
 		if len(r.Keys) == 0 {
-			return nil, fmt.Errorf("%w: empty key list", ErrBadResponse)
+			return Decoded{}, fmt.Errorf("%w: empty key list", ErrBadResponse)
 		}
 		out := make([][]byte, 0, len(r.Keys))
+		ids := make([]string, 0, len(r.Keys))
 		for i, k := range r.Keys {
 			b, ok := decodeKey(k.Key)
 			if !ok {
 				Wipe(out)
-				return nil, fmt.Errorf("%w: keys[%d] (id %q): not a non-empty base64 string", ErrBadResponse, i, k.ID)
+				return Decoded{}, fmt.Errorf("%w: keys[%d] (id %q): not a non-empty base64 string", ErrBadResponse, i, k.ID)
 			}
 			out = append(out, b)
+			ids = append(ids, k.ID)
 		}
-		return out, nil
+		return Decoded{Keys: out, IDs: ids, State: r.State}, nil
 	default:
-		return nil, fmt.Errorf("%w: unsupported content type %q (want %s or %s)", ErrBadResponse, mt, ContentTypeJSON, ContentTypeRaw)
+		return Decoded{}, fmt.Errorf("%w: unsupported content type %q (want %s or %s)", ErrBadResponse, mt, ContentTypeJSON, ContentTypeRaw)
 	}
 }
 

@@ -66,6 +66,12 @@ func (e *phaseError) Unwrap() error { return e.err }
 // enforced while reading; and the init binary stays megabytes smaller,
 // which matters for an image that has to be fetched over PXE.
 func get(ctx context.Context, u *url.URL, token []byte, cfg *tls.Config, dialer *net.Dialer) (*response, error) {
+	return do(ctx, u, token, nil, cfg, dialer)
+}
+
+// do is get, or a POST of body (JSON, no secrets in it) when body is not
+// nil: the confirmation request.
+func do(ctx context.Context, u *url.URL, token, body []byte, cfg *tls.Config, dialer *net.Dialer) (*response, error) {
 	host := u.Host
 	if u.Port() == "" {
 		host = net.JoinHostPort(u.Hostname(), "443")
@@ -92,7 +98,7 @@ func get(ctx context.Context, u *url.URL, token []byte, cfg *tls.Config, dialer 
 		return nil, &phaseError{phaseHandshake, fmt.Errorf("TLS: %w", err)}
 	}
 
-	req := buildRequest(u, token)
+	req := buildRequest(u, token, body)
 	_, err = conn.Write(req)
 	clear(req)
 	if err != nil {
@@ -105,7 +111,7 @@ func get(ctx context.Context, u *url.URL, token []byte, cfg *tls.Config, dialer 
 	return resp, nil
 }
 
-func buildRequest(u *url.URL, token []byte) []byte {
+func buildRequest(u *url.URL, token, body []byte) []byte {
 	path := u.EscapedPath()
 	if path == "" {
 		path = "/"
@@ -113,9 +119,13 @@ func buildRequest(u *url.URL, token []byte) []byte {
 	if u.RawQuery != "" {
 		path += "?" + u.RawQuery
 	}
-	n := 256 + len(path) + len(u.Host) + len(token)
+	n := 256 + len(path) + len(u.Host) + len(token) + len(body)
 	b := make([]byte, 0, n) // sized up front: append must not reallocate and leave a copy of the token behind
-	b = append(b, "GET "...)
+	if body != nil {
+		b = append(b, "POST "...)
+	} else {
+		b = append(b, "GET "...)
+	}
 	b = append(b, path...)
 	b = append(b, " HTTP/1.1\r\nHost: "...)
 	b = append(b, u.Host...)
@@ -124,6 +134,12 @@ func buildRequest(u *url.URL, token []byte) []byte {
 		b = append(b, "Authorization: Bearer "...)
 		b = append(b, token...)
 		b = append(b, "\r\n"...)
+	}
+	if body != nil {
+		b = append(b, "Content-Type: application/json\r\nContent-Length: "...)
+		b = strconv.AppendInt(b, int64(len(body)), 10)
+		b = append(b, "\r\n\r\n"...)
+		return append(b, body...)
 	}
 	b = append(b, "\r\n"...)
 	return b

@@ -36,6 +36,7 @@ package keys
 import (
 	"context"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -137,6 +138,13 @@ func (b Backoff) long() time.Duration {
 type Keys struct {
 	Keys   []*secret.Buf
 	Server string // host:port that answered
+	// IDs are the keys' ids (empty strings for a raw answer), State the
+	// host's lifecycle state the server sent (keyproto.StateNew, ...; ""
+	// from servers that send none).
+	IDs   []string
+	State string
+	// url is what answered: a confirmation goes there.
+	url *url.URL
 }
 
 // Wipe zeroes the key material; safe on nil and twice.
@@ -403,13 +411,13 @@ func attempt(ctx context.Context, u *url.URL, cfg Config, dialer *net.Dialer) (*
 		}
 		switch {
 		case resp.status == 200:
-			ks, err := keyproto.Decode(resp.contentType, resp.body)
+			d, err := keyproto.DecodeResponse(resp.contentType, resp.body)
 			resp.wipe()
 			if err != nil {
 				return nil, err
 			}
-			out := &Keys{Server: u.Host}
-			for _, k := range ks {
+			out := &Keys{Server: u.Host, IDs: d.IDs, State: d.State, url: cur}
+			for _, k := range d.Keys {
 				out.Keys = append(out.Keys, secret.From(k)) // owned (and wiped) by out
 			}
 			return out, nil
@@ -510,4 +518,52 @@ func fmtDur(d time.Duration) string {
 		return fmt.Sprintf("%.1fs", d.Seconds())
 	}
 	return d.Round(time.Second).String()
+}
+
+// ErrConfirmRefused is wrapped when the server answered a confirmation
+// with an error status (409: it does not fit the host's record).
+var ErrConfirmRefused = errors.New("confirmation refused")
+
+// Confirm tells the server that answered ks what the host did with its
+// keys (keyproto.Confirmation: provisioned or rotated, with the current
+// key's id): one POST to its key URL + keyproto.ConfirmSuffix, with the
+// same token and the same TLS trust as the fetch, within AttemptTimeout.
+// It does not retry: the next boot confirms again, and the server
+// accepts a repeat.
+func Confirm(ctx context.Context, cfg Config, ks *Keys, c keyproto.Confirmation) error {
+	if err := c.Validate(); err != nil {
+		return err
+	}
+	if ks == nil || ks.url == nil {
+		return errors.New("confirm: no server answered")
+	}
+	if cfg.AttemptTimeout <= 0 {
+		cfg.AttemptTimeout = 10 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	u := *ks.url
+	u.Path = strings.TrimSuffix(u.Path, "/") + keyproto.ConfirmSuffix
+	u.RawPath = ""
+	body, err := json.Marshal(c)
+	if err != nil {
+		return err
+	}
+	actx, cancel := context.WithTimeout(ctx, cfg.AttemptTimeout)
+	defer cancel()
+	resp, err := do(actx, &u, cfg.Token, body, tlsConfig(cfg.Pins, cfg.CAs, u.Hostname(), cfg.Now), &net.Dialer{LocalAddr: cfg.LocalAddr})
+	if err != nil {
+		return fmt.Errorf("confirm to %s: %w", u.Host, describe(err, actx.Err() != nil, cfg.AttemptTimeout))
+	}
+	defer resp.wipe()
+	if resp.status != 200 {
+		// The reason is the server's, about ids and states: no secrets.
+		reason := strings.TrimSpace(string(resp.body))
+		if len(reason) > 200 {
+			reason = reason[:200]
+		}
+		return fmt.Errorf("confirm to %s: %w: HTTP %d %s", u.Host, ErrConfirmRefused, resp.status, reason)
+	}
+	return nil
 }

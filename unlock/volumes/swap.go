@@ -132,18 +132,11 @@ func checkBlank(path string) error {
 		return fmt.Errorf("%w: %s: %v", ErrNotBlank, path, err)
 	}
 	defer f.Close()
-	fi, err := f.Stat()
+	n, err := deviceSize(f)
 	if err != nil {
-		return fmt.Errorf("%w: %s: %v", ErrNotBlank, path, err)
+		return fmt.Errorf("%w: %s: size: %v", ErrNotBlank, path, err)
 	}
-	size := fi.Size()
-	if !fi.Mode().IsRegular() {
-		n, err := blockSize(f)
-		if err != nil {
-			return fmt.Errorf("%w: %s: size: %v", ErrNotBlank, path, err)
-		}
-		size = int64(n)
-	}
+	size := int64(n)
 	if err := blank.Check(f, size); err != nil {
 		return fmt.Errorf("%w: %s holds something: %w", ErrNotBlank, path, err)
 	}

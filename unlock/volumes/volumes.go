@@ -38,13 +38,19 @@ type Spec struct {
 	// NoWorkqueue sets no-read-workqueue and no-write-workqueue (kernels
 	// ≥ 5.9): on virtual disks the extra queueing only adds latency.
 	NoWorkqueue bool
+	// Provision formats the device when it is blank and the key server
+	// says the key is new (see lifecycle.go).
+	Provision bool
 }
 
 // Prepared is a device found and a header validated, ready for keys.
 type Prepared struct {
 	Spec   Spec
 	Dev    blockdev.BlockDev
-	Header *luks2.Header // nil for a random-key swap
+	Header *luks2.Header // nil for a random-key swap or a fresh device
+	// Fresh says why a device without a LUKS2 header may be provisioned
+	// ("blank", or our own unfinished format); empty otherwise.
+	Fresh string
 }
 
 // Opened is an unlocked volume.
@@ -55,6 +61,14 @@ type Opened struct {
 	Key  int    // index of the key that opened it (-1 for a random-key swap)
 	// Table is the dm table loaded, key hidden.
 	Table string
+	// Did says what was written to the device this boot (provisioned,
+	// rotated, header repaired), empty when it was only opened.
+	Did string
+	// Stale: a rotation was due but an older key still opens it.
+	Stale bool
+	// Current: it opens with key 1 now (after a rotation: only with key
+	// 1), what the key server is told.
+	Current bool
 }
 
 // Options tune Prepare and Unlock.
@@ -113,6 +127,14 @@ func prepareOne(ctx context.Context, s Spec, opt Options, log ulog.Logger) (Prep
 	}
 	h, err := luks2.ReadHeader(f)
 	f.Close()
+	if err != nil && s.Provision {
+		what, ferr := checkFresh(dev.Path)
+		if ferr != nil {
+			return Prepared{}, fmt.Errorf("volume %s on %s: %w; and it is not blank, so provision never formats it: %w", s.Name, dev.Path, err, ferr)
+		}
+		log.Printf("volume %s on %s: no LUKS2 header, %s: formatted if the key server says the key is new", s.Name, dev.Path, what)
+		return Prepared{Spec: s, Dev: dev, Fresh: what}, nil
+	}
 	if err != nil {
 		return Prepared{}, fmt.Errorf("volume %s on %s: %w; no key will be tried on it", s.Name, dev.Path, err)
 	}
@@ -136,21 +158,36 @@ func prepareOne(ctx context.Context, s Spec, opt Options, log ulog.Logger) (Prep
 // here for the stage's callers).
 var ErrNoKey = luks2.ErrNoKey
 
+// ErrNotNew is wrapped when a fresh device would be provisioned but the
+// key server did not say the key is new: it is left alone, and the
+// caller may ask again (the operator may fix the host's state).
+var ErrNotNew = errors.New("the key server did not say the key is new")
+
 // Unlock opens every prepared volume with the first key that fits, in
 // order, and stops at the first that fails: the opened ones are returned
 // so a retry can skip them. The keys stay the caller's to wipe; every
 // volume key is wiped here once its mapping is loaded (or has failed).
-func Unlock(ctx context.Context, vols []Prepared, keys []*secret.Buf, opt Options, log ulog.Logger) ([]Opened, error) {
+//
+// lc says what the key server said: a fresh device (Prepared.Fresh) is
+// provisioned only when lc.New; with lc.Rotating a volume that opens with
+// an older key is moved to the current one. Each such write is said on
+// the console, one line per volume.
+func Unlock(ctx context.Context, vols []Prepared, keys []*secret.Buf, lc Lifecycle, opt Options, log ulog.Logger) ([]Opened, error) {
 	var out []Opened
 	for _, p := range vols {
-		o, err := unlockOne(ctx, p, keys, opt)
+		o, err := unlockOne(ctx, p, keys, lc, opt, log)
 		if err != nil {
 			return out, err
 		}
-		if o.Key < 0 {
+		if p.Fresh != "" {
+			log.Printf("volume %s: %s provisioned: %s -> %s (%s)", p.Spec.Name, p.Dev.Path, o.Did, o.Path, o.Table)
+		} else if o.Key < 0 {
 			log.Printf("volume %s: %s mapped with a fresh random key -> %s (%s)", p.Spec.Name, p.Dev.Path, o.Path, o.Table)
 		} else {
 			log.Printf("volume %s: %s opened with key %d of %d, keyslot %d -> %s (%s)", p.Spec.Name, p.Dev.Path, o.Key+1, len(keys), o.Slot, o.Path, o.Table)
+			if o.Did != "" {
+				log.Printf("volume %s: %s: %s", p.Spec.Name, p.Dev.Path, o.Did)
+			}
 		}
 		out = append(out, o)
 	}
@@ -169,11 +206,19 @@ func (s Spec) flags(release string) []string {
 	return f
 }
 
-func unlockOne(ctx context.Context, p Prepared, keys []*secret.Buf, opt Options) (Opened, error) {
+func unlockOne(ctx context.Context, p Prepared, keys []*secret.Buf, lc Lifecycle, opt Options, log ulog.Logger) (Opened, error) {
 	if p.Spec.RandomSwap {
 		return randomSwap(p, opt)
 	}
 	name := p.Spec.Name
+	if p.Fresh != "" {
+		if !lc.New || len(keys) == 0 {
+			return Opened{}, fmt.Errorf("volume %s on %s: %s, provision is set, but %w; not formatting it", name, p.Dev.Path, p.Fresh, ErrNotNew)
+		}
+		o, did, err := provision(ctx, p, keys[0], lc, opt)
+		o.Did, o.Current = did, err == nil
+		return o, err
+	}
 	f, err := os.Open(p.Dev.Path)
 	if err != nil {
 		return Opened{}, fmt.Errorf("volume %s: %w", name, err)
@@ -184,6 +229,34 @@ func unlockOne(ctx context.Context, p Prepared, keys []*secret.Buf, opt Options)
 		return Opened{}, fmt.Errorf("volume %s on %s: %w", name, p.Dev.Path, err)
 	}
 	defer key.Wipe()
+	var did string
+	stale := false
+	switch {
+	case lc.Rotating && len(keys) > 1:
+		f.Close()
+		did, err = rotate(ctx, p, keys, key, ki, lc, opt)
+		if err != nil {
+			// It still opens with what it has; the next boot tries again.
+			log.Printf("volume %s on %s: rotation to key 1 not completed (%v); opening it as it is", name, p.Dev.Path, err)
+			stale = true
+		}
+		if f, err = os.Open(p.Dev.Path); err != nil {
+			return Opened{}, fmt.Errorf("volume %s: %w", name, err)
+		}
+		defer f.Close()
+	case p.Spec.Provision && ki == 0 && (p.Header.Secondary || p.Header.PrimaryErr != nil):
+		// A format cut after the secondary copy: finish it.
+		f.Close()
+		if err := repairPrimary(ctx, p, keys[0], key, lc, opt); err != nil {
+			log.Printf("volume %s on %s: primary header not rewritten (%v)", name, p.Dev.Path, err)
+		} else {
+			did = "rewrote the primary header from the secondary"
+		}
+		if f, err = os.Open(p.Dev.Path); err != nil {
+			return Opened{}, fmt.Errorf("volume %s: %w", name, err)
+		}
+		defer f.Close()
+	}
 	size, err := blockSize(f)
 	if err != nil {
 		return Opened{}, fmt.Errorf("volume %s on %s: size: %w", name, p.Dev.Path, err)
@@ -205,7 +278,10 @@ func unlockOne(ctx context.Context, p Prepared, keys []*secret.Buf, opt Options)
 		SectorSize: seg.SectorSize,
 		Flags:      p.Spec.flags(opt.KernelRelease),
 	}
-	return activate(t, p, opt, slot, ki)
+	o, err := activate(t, p, opt, slot, ki)
+	o.Did, o.Stale = did, stale
+	o.Current = (ki == 0 || lc.Rotating) && !stale
+	return o, err
 }
 
 func activate(t dm.CryptTable, p Prepared, opt Options, slot, ki int) (Opened, error) {

@@ -58,6 +58,13 @@ type Options struct {
 	MTime int64
 	// Logger gets notes; nil discards them.
 	Logger ulog.Logger
+	// Mke2fs is the mke2fs carried when a volume says provision (with its
+	// shared libraries); "" looks in /usr/sbin and /sbin.
+	Mke2fs string
+	// TestFaults marks the image for fault-injection tests
+	// (layout.TestFaultsPath): only then does the init honour
+	// rd.unlockrd.test-poweroff-at=. Never for production images.
+	TestFaults bool
 }
 
 // Report describes a built image.
@@ -178,6 +185,19 @@ func Build(ctx context.Context, o Options) (*Report, error) {
 		entries = append(entries, entry{name: d, mode: cpio.S_IFDIR | 0o755})
 	}
 	entries = append(entries, entry{name: "tmp", mode: cpio.S_IFDIR | 0o1777})
+	if cfg.NeedsMkfs() {
+		files, err := mke2fsFiles(o.Mke2fs)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", o.ConfigFile, err)
+		}
+		for _, f := range files {
+			entries = append(entries, entry{name: f.image, mode: cpio.S_IFREG | f.mode, data: readFile(f.host)})
+		}
+	}
+	if o.TestFaults {
+		log.Printf("warning: --test-faults: this image powers the machine off when rd.unlockrd.test-poweroff-at= says so; for tests only")
+		entries = append(entries, entry{name: layout.TestFaultsPath, mode: cpio.S_IFREG | 0o644, data: static([]byte("fault injection enabled\n"))})
+	}
 	if tree != nil {
 		list := make([]layout.Module, 0, len(mods))
 		compressed := false
@@ -255,6 +275,10 @@ func closure(tree *kmod.Tree, names []string, noAccel bool, log ulog.Logger) ([]
 			"milliseconds natively, seconds under emulation)", strings.Join(accel, ", "))
 	}
 	return mods, nil
+}
+
+func readFile(path string) func() ([]byte, error) {
+	return func() ([]byte, error) { return os.ReadFile(path) }
 }
 
 func static(b []byte) func() ([]byte, error) {

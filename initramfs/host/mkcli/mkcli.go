@@ -128,6 +128,8 @@ func parse(fs *flag.FlagSet, args []string, positional int) ([]string, error) {
 // buildFlags are the flags build and netboot share.
 type buildFlags struct {
 	cfg, mods, initPath, comp string
+	mke2fs                    string
+	testFaults                bool
 }
 
 func (b *buildFlags) register(fs *flag.FlagSet) {
@@ -138,6 +140,8 @@ func (b *buildFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&b.initPath, "init", "", "unlockrd-init `binary` (default: unlockrd-init beside mkunlockrd)")
 	fs.StringVar(&b.comp, "compress", string(image.DefaultCompression),
 		"image compression: zstd (unpacks fastest), xz (smallest; needs the xz program), gzip or none")
+	fs.StringVar(&b.mke2fs, "mke2fs", "", "mke2fs `binary` carried (with its libraries) when a volume says provision (default /usr/sbin/mke2fs)")
+	fs.BoolVar(&b.testFaults, "test-faults", false, "TESTS ONLY: honour rd.unlockrd.test-poweroff-at= (power off at a write step)")
 }
 
 // options turns the flags into build options.
@@ -162,6 +166,8 @@ func (b *buildFlags) options(stderr io.Writer) (image.Options, error) {
 		Compression: c,
 		MTime:       epoch,
 		Logger:      log.New(stderr, "mkunlockrd: ", 0),
+		Mke2fs:      b.mke2fs,
+		TestFaults:  b.testFaults,
 	}, nil
 }
 

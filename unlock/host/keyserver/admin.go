@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store"
+	"github.com/unlockrd/unlockrd/unlock/keyproto"
 )
 
 // KeySize is the length of the random LUKS passphrase made for each host.
@@ -63,12 +64,16 @@ func randomKey() ([]byte, error) {
 
 // AddHost enrolls host id with a new random key, or with key if it is not
 // nil (enrolling a disk that already has a passphrase). It returns the
-// bearer token, which exists nowhere else afterwards.
+// bearer token, which exists nowhere else afterwards. A random key starts
+// in state New (it has formatted nothing: the host may provision a blank
+// volume with it); an enrolled key is in use already, so Active.
 func (a *Admin) AddHost(ctx context.Context, id string, key []byte) (token string, err error) {
 	if err := ValidHostID(id); err != nil {
 		return "", err
 	}
+	state := store.Active
 	if key == nil {
+		state = store.New
 		if key, err = randomKey(); err != nil {
 			return "", err
 		}
@@ -90,7 +95,7 @@ func (a *Admin) AddHost(ctx context.Context, id string, key []byte) (token strin
 		ID:        id,
 		Keys:      []store.SealedKey{{ID: kid, Sealed: sealed, Created: now}},
 		TokenHash: hash,
-		State:     store.Active,
+		State:     state,
 		Created:   now,
 		Updated:   now,
 	}
@@ -100,9 +105,11 @@ func (a *Admin) AddHost(ctx context.Context, id string, key []byte) (token strin
 	return token, nil
 }
 
-// Rotate gives host id a new random current key; the old one is served
-// second until FinishRotation, so a host that boots meanwhile still opens
-// its disk while the new key is being added to it. It returns the new key's id.
+// Rotate gives host id a new random current key and puts it in state
+// Rotating; the old one is served second until the host confirms the
+// rotation (Confirm) or FinishRotation, so a host that boots meanwhile
+// still opens its disk while the new key is being added to it. It returns
+// the new key's id. A revoked host stays revoked.
 func (a *Admin) Rotate(ctx context.Context, id string) (string, error) {
 	key, err := randomKey()
 	if err != nil {
@@ -121,6 +128,9 @@ func (a *Admin) Rotate(ctx context.Context, id string) (string, error) {
 			return err
 		}
 		h.Keys = append([]store.SealedKey{{ID: kid, Sealed: sealed, Created: now}}, h.Keys...)
+		if h.State != store.Revoked {
+			h.State = store.Rotating
+		}
 		h.Updated = now
 		return nil
 	})
@@ -131,12 +141,17 @@ func (a *Admin) Rotate(ctx context.Context, id string) (string, error) {
 }
 
 // FinishRotation drops every key of host id but the current one and returns
-// the ids it dropped (none if no rotation was open).
+// the ids it dropped (none if no rotation was open). The operator's way to
+// end a rotation the host cannot confirm (volumes moved by hand).
 func (a *Admin) FinishRotation(ctx context.Context, id string) ([]string, error) {
 	now := a.now()
 	var dropped []string
 	_, err := a.Store.Update(ctx, id, func(h *store.Host) error {
 		dropped = nil
+		if h.Lifecycle() == store.Rotating {
+			h.State = store.Active
+			h.Updated = now
+		}
 		if len(h.Keys) <= 1 {
 			return nil
 		}
@@ -154,14 +169,26 @@ func (a *Admin) FinishRotation(ctx context.Context, id string) ([]string, error)
 }
 
 // SetState revokes (store.Revoked) or reinstates (store.Active) host id.
+// A reinstated host comes back Rotating if a rotation is open, else
+// Active; never New: whether its key formatted something while it was
+// revoked is unknown, so it is taken as used.
 func (a *Admin) SetState(ctx context.Context, id string, st store.State) error {
 	if st != store.Active && st != store.Revoked {
 		return fmt.Errorf("host %q: unknown state %q", id, st)
 	}
 	now := a.now()
 	_, err := a.Store.Update(ctx, id, func(h *store.Host) error {
-		if h.State != st {
-			h.State = st
+		want := st
+		if st == store.Active {
+			if h.State != store.Revoked {
+				return nil // not revoked: nothing to reinstate
+			}
+			if len(h.Keys) > 1 {
+				want = store.Rotating
+			}
+		}
+		if h.State != want {
+			h.State = want
 			h.Updated = now
 		}
 		return nil
@@ -229,4 +256,56 @@ func keyIDs(ks []store.SealedKey) string {
 		s += k.ID
 	}
 	return s
+}
+
+// ErrConfirm is wrapped when a host's confirmation does not fit its
+// record (wrong key id, or an event its state does not expect).
+var ErrConfirm = errors.New("confirmation refused")
+
+// Confirm records what host id reports about its volumes (the
+// confirmation request, keyproto.Confirmation):
+//
+//   - provisioned with the current key: New becomes Active, so the server
+//     never says "new" for this host again. Repeating it once Active is
+//     accepted (the host may not have seen the first answer).
+//   - rotated to the current key: the other keys are dropped and the state
+//     becomes Active; repeating it is accepted likewise.
+//
+// Anything else (another key id, a revoked host, provisioned during a
+// rotation) is refused with ErrConfirm and changes nothing. It returns
+// the state after the change and whether anything changed.
+func (a *Admin) Confirm(ctx context.Context, id string, c keyproto.Confirmation) (store.State, bool, error) {
+	if err := c.Validate(); err != nil {
+		return "", false, fmt.Errorf("host %q: %w: %v", id, ErrConfirm, err)
+	}
+	now := a.now()
+	var changed bool
+	rec, err := a.Store.Update(ctx, id, func(h *store.Host) error {
+		changed = false
+		st := h.Lifecycle()
+		if !st.Serves() {
+			return fmt.Errorf("host %q is %s: %w", id, st, ErrConfirm)
+		}
+		if len(h.Keys) == 0 || h.Keys[0].ID != c.Key {
+			return fmt.Errorf("host %q: %w: %s names key %q, the current key is %q", id, ErrConfirm, c.Event, c.Key, keyIDs(h.Keys[:min(1, len(h.Keys))]))
+		}
+		switch {
+		case c.Event == keyproto.EventProvisioned && st == store.New:
+			h.State = store.Active
+		case c.Event == keyproto.EventRotated && st == store.Rotating:
+			h.Keys = h.Keys[:1]
+			h.State = store.Active
+		case st == store.Active:
+			return nil // a repeat: already recorded
+		default:
+			return fmt.Errorf("host %q: %w: %s while %s", id, ErrConfirm, c.Event, st)
+		}
+		h.Updated = now
+		changed = true
+		return nil
+	})
+	if err != nil {
+		return "", false, err
+	}
+	return rec.State, changed, nil
 }

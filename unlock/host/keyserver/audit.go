@@ -22,6 +22,8 @@ const (
 	OutcomeBusy             = "busy"
 	OutcomeError            = "error"
 	OutcomeHealth           = "health"
+	OutcomeConfirmed        = "confirmed" // a host's confirmation recorded
+	OutcomeConflict         = "conflict"  // a confirmation that does not fit the record
 )
 
 // AuditEvent describes one request. It never holds key material or
@@ -35,6 +37,7 @@ type AuditEvent struct {
 	Status     int       `json:"status"`
 	Outcome    string    `json:"outcome"`
 	KeyIDs     []string  `json:"key_ids,omitempty"`
+	Event      string    `json:"event,omitempty"` // a confirmation's event (keyproto.EventProvisioned, EventRotated)
 	DurationMS float64   `json:"duration_ms"`
 	Reason     string    `json:"reason,omitempty"` // what was wrong with the request (4xx), as answered
 	Error      string    `json:"error,omitempty"`  // internal failures only

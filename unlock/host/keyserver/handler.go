@@ -2,8 +2,10 @@ package keyserver
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/http"
@@ -147,6 +149,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	switch {
+	case strings.HasPrefix(path, KeysPath) && strings.HasSuffix(path, keyproto.ConfirmSuffix):
+		// The one request with a body, bounded by the handler itself.
+		h.confirm(w, r, &ev, strings.TrimSuffix(path[len(KeysPath):], keyproto.ConfirmSuffix))
 	case r.ContentLength > 0 || (r.ContentLength < 0 && r.ProtoMajor == 1):
 		// No request of ours has a body; one that does is not a key
 		// client, and reading it would only cost us.
@@ -157,7 +162,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.keys(w, r, &ev, path[len(KeysPath):])
 	default:
 		h.failed(SourceOf(r.RemoteAddr))
-		h.fail(w, &ev, http.StatusNotFound, OutcomeNotFound, "not found: the key service answers GET "+KeysPath+"{host} and "+HealthPath)
+		h.fail(w, &ev, http.StatusNotFound, OutcomeNotFound, "not found: the key service answers GET "+KeysPath+"{host}, POST "+KeysPath+"{host}"+keyproto.ConfirmSuffix+" and "+HealthPath)
 	}
 
 	if h.c.audit != nil {
@@ -253,23 +258,31 @@ func (h *Handler) failed(src Source) {
 	}
 }
 
-func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, seg string) {
+// authorize is what a key request and a confirmation share, in this
+// order: admission of the source, the method, the host id, the token
+// against the store, the state, then the host's and the global bucket.
+// It answers the failures itself; ok means go on with the record.
+func (h *Handler) authorize(w http.ResponseWriter, r *http.Request, ev *AuditEvent, seg, method string) (rec store.Host, ok bool) {
 	src := SourceOf(r.RemoteAddr)
 	if wait, ok := h.admit(src, h.c.now()); !ok {
 		h.tooMany(w, ev, wait, http.StatusTooManyRequests, OutcomeRateLimited)
-		return
+		return store.Host{}, false
 	}
-	if r.Method != http.MethodGet {
+	if r.Method != method {
 		h.failed(src)
-		w.Header().Set("Allow", http.MethodGet)
-		h.fail(w, ev, http.StatusMethodNotAllowed, OutcomeMethodNotAllowed, "method not allowed: key requests are GET")
-		return
+		w.Header().Set("Allow", method)
+		what := "key requests are GET"
+		if method == http.MethodPost {
+			what = "confirmations are POST"
+		}
+		h.fail(w, ev, http.StatusMethodNotAllowed, OutcomeMethodNotAllowed, "method not allowed: "+what)
+		return store.Host{}, false
 	}
 	id, err := hostFromPath(seg)
 	if err != nil {
 		h.failed(src)
 		h.fail(w, ev, http.StatusBadRequest, OutcomeBadHost, "bad host id: "+err.Error())
-		return
+		return store.Host{}, false
 	}
 	ev.Host = id
 
@@ -278,39 +291,39 @@ func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, s
 		h.failed(src)
 		w.Header().Set("WWW-Authenticate", `Bearer realm="unlockrd"`)
 		h.fail(w, ev, http.StatusUnauthorized, OutcomeNoToken, "unauthorized: no bearer token (Authorization: Bearer TOKEN)")
-		return
+		return store.Host{}, false
 	}
 
 	ctx, cancel := context.WithTimeout(r.Context(), h.c.storeTimeout)
 	defer cancel()
-	rec, err := h.c.store.Get(ctx, id)
+	rec, err = h.c.store.Get(ctx, id)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		h.failed(src)
 		h.fail(w, ev, http.StatusNotFound, OutcomeUnknownHost, "unknown host")
-		return
+		return store.Host{}, false
 	case errors.Is(err, store.ErrBusy), errors.Is(err, context.DeadlineExceeded):
 		// Not the client's doing: no charge.
 		ev.Error = err.Error()
 		h.tooMany(w, ev, time.Second, http.StatusServiceUnavailable, OutcomeBusy)
-		return
+		return store.Host{}, false
 	case err != nil:
 		ev.Error = err.Error()
 		h.c.logger.Printf("keyserver: host %q: store: %v", id, err)
 		h.fail(w, ev, http.StatusInternalServerError, OutcomeError, "internal error")
-		return
+		return store.Host{}, false
 	}
 
 	if !TokenMatches(rec.TokenHash, token) {
 		h.failed(src)
 		w.Header().Set("WWW-Authenticate", `Bearer realm="unlockrd", error="invalid_token"`)
 		h.fail(w, ev, http.StatusUnauthorized, OutcomeBadToken, "unauthorized: token does not match")
-		return
+		return store.Host{}, false
 	}
-	if rec.State != store.Active {
+	if !rec.Lifecycle().Serves() {
 		h.failed(src)
 		h.fail(w, ev, http.StatusForbidden, OutcomeRevoked, "host revoked")
-		return
+		return store.Host{}, false
 	}
 
 	// The token matched: only now are the host's and the global bucket
@@ -321,16 +334,25 @@ func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, s
 	if h.hosts != nil {
 		if wait, ok := h.hosts.take(id, now); !ok {
 			h.tooMany(w, ev, wait, http.StatusTooManyRequests, OutcomeRateLimited)
-			return
+			return store.Host{}, false
 		}
 	}
 	if h.global != nil {
 		if wait, ok := take(h.global, now); !ok {
 			h.tooMany(w, ev, wait, http.StatusTooManyRequests, OutcomeRateLimited)
-			return
+			return store.Host{}, false
 		}
 	}
 
+	return rec, true
+}
+
+func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, seg string) {
+	rec, ok := h.authorize(w, r, ev, seg, http.MethodGet)
+	if !ok {
+		return
+	}
+	id := rec.ID
 	ids, keys, err := UnsealAll(h.c.sealer, rec)
 	if err != nil {
 		ev.Error = err.Error()
@@ -338,7 +360,7 @@ func (h *Handler) keys(w http.ResponseWriter, r *http.Request, ev *AuditEvent, s
 		h.fail(w, ev, http.StatusInternalServerError, OutcomeError, "internal error")
 		return
 	}
-	body, err := keyproto.AppendJSON(nil, ids, keys)
+	body, err := keyproto.AppendResponse(nil, string(rec.Lifecycle()), ids, keys)
 	keyproto.Wipe(keys)
 	if err != nil {
 		ev.Error = err.Error()
@@ -441,4 +463,64 @@ func (h *Handler) checkHealth(ctx context.Context) error {
 	}
 	h.healthAt, h.healthErr, h.healthOnce = now, err, true
 	return err
+}
+
+// confirm records a host's confirmation (keyproto.Confirmation): POST to
+// its key URL + keyproto.ConfirmSuffix, authorized and limited exactly
+// like a key request. 200 answers the state now, 409 a confirmation that
+// does not fit the record (nothing changed).
+func (h *Handler) confirm(w http.ResponseWriter, r *http.Request, ev *AuditEvent, seg string) {
+	if r.ContentLength > keyproto.MaxConfirmBody {
+		h.failed(SourceOf(r.RemoteAddr))
+		h.fail(w, ev, http.StatusRequestEntityTooLarge, OutcomeBadRequest, fmt.Sprintf("confirmation body over %d bytes", keyproto.MaxConfirmBody))
+		return
+	}
+	rec, ok := h.authorize(w, r, ev, seg, http.MethodPost)
+	if !ok {
+		return
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, keyproto.MaxConfirmBody+1))
+	var c keyproto.Confirmation
+	switch {
+	case err != nil:
+		h.fail(w, ev, http.StatusBadRequest, OutcomeBadRequest, "confirmation body: read failed")
+		return
+	case len(body) > keyproto.MaxConfirmBody:
+		h.fail(w, ev, http.StatusRequestEntityTooLarge, OutcomeBadRequest, fmt.Sprintf("confirmation body over %d bytes", keyproto.MaxConfirmBody))
+		return
+	case json.Unmarshal(body, &c) != nil:
+		h.fail(w, ev, http.StatusBadRequest, OutcomeBadRequest, `confirmation body: want JSON {"event":"provisioned"|"rotated","key":"ID"}`)
+		return
+	}
+	if err := c.Validate(); err != nil {
+		h.fail(w, ev, http.StatusBadRequest, OutcomeBadRequest, err.Error())
+		return
+	}
+	ev.Event, ev.KeyIDs = c.Event, []string{c.Key}
+	ctx, cancel := context.WithTimeout(r.Context(), h.c.storeTimeout)
+	defer cancel()
+	a := Admin{Store: h.c.store, Sealer: h.c.sealer, Now: h.c.now}
+	st, changed, err := a.Confirm(ctx, rec.ID, c)
+	switch {
+	case errors.Is(err, ErrConfirm):
+		h.fail(w, ev, http.StatusConflict, OutcomeConflict, err.Error())
+		return
+	case errors.Is(err, store.ErrBusy), errors.Is(err, context.DeadlineExceeded):
+		ev.Error = err.Error()
+		h.tooMany(w, ev, time.Second, http.StatusServiceUnavailable, OutcomeBusy)
+		return
+	case err != nil:
+		ev.Error = err.Error()
+		h.c.logger.Printf("keyserver: host %q: confirm: %v", rec.ID, err)
+		h.fail(w, ev, http.StatusInternalServerError, OutcomeError, "internal error")
+		return
+	}
+	out, _ := json.Marshal(struct {
+		State   string `json:"state"`
+		Changed bool   `json:"changed"`
+	}{string(st), changed})
+	w.Header().Set("Content-Type", keyproto.ContentTypeJSON)
+	w.WriteHeader(http.StatusOK)
+	w.Write(out)
+	ev.Status, ev.Outcome = http.StatusOK, OutcomeConfirmed
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"github.com/unlockrd/unlockrd/unlock/keyproto"
 	"log"
 	"net"
 	"net/http"
@@ -52,7 +53,7 @@ func NewHTTPServer(h http.Handler, cert tls.Certificate, errLog *log.Logger) *ht
 		errLog = log.Default()
 	}
 	srv := &http.Server{
-		Handler:           http.MaxBytesHandler(h, 0), // no request has a body
+		Handler:           http.MaxBytesHandler(h, keyproto.MaxConfirmBody), // only a confirmation has a body
 		ReadHeaderTimeout: ReadHeaderTimeout,
 		ReadTimeout:       ReadTimeout,
 		WriteTimeout:      WriteTimeout,

@@ -34,7 +34,7 @@ type HostInfo struct {
 
 // InfoOf describes a store record.
 func InfoOf(h store.Host) HostInfo {
-	hi := HostInfo{Host: h.ID, State: string(h.State), Created: h.Created, Updated: h.Updated,
+	hi := HostInfo{Host: h.ID, State: string(h.Lifecycle()), Created: h.Created, Updated: h.Updated,
 		LastSeen: h.LastSeen, LastSource: h.LastSource, Keys: make([]string, 0, len(h.Keys))}
 	for _, k := range h.Keys {
 		hi.Keys = append(hi.Keys, k.ID)

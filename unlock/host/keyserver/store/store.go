@@ -16,15 +16,45 @@ import (
 	"time"
 )
 
-// State says whether a host may fetch its keys.
+// State is where a host is in its life: whether it may fetch its keys, and
+// whether its current key was ever used to format a volume.
 type State string
 
-// Host states. A revoked host keeps its sealed keys (the operator may still
-// need them to recover the disk) but the server no longer hands them out.
+// Host states. New, Active and Rotating hosts are served their keys (the
+// key answer carries the state, keyproto.Response.State); a revoked host
+// keeps its sealed keys (the operator may still need them to recover the
+// disk) but the server no longer hands them out.
+//
+//	new ──host confirms "provisioned"──▶ active ──host rotate──▶ rotating
+//	                                       ▲                        │
+//	                                       └─host confirms "rotated"┘
+//	                                         (or host rotate --finish)
 const (
-	Active  State = "active"
+	// New: the current key was never used to format anything (host add
+	// with a random key). The only state in which a host may format a
+	// blank device; left for good once the host confirms.
+	New State = "new"
+	// Active: the host's volumes use the single current key.
+	Active State = "active"
+	// Rotating: a next key was put first (host rotate); the older ones are
+	// still served until the host confirms it moved to the next one.
+	Rotating State = "rotating"
+	// Revoked: no keys are served.
 	Revoked State = "revoked"
 )
+
+// Lifecycle is the state the server acts on. Records written before the
+// New and Rotating states existed say "active" with a rotation open (more
+// than one key): that is Rotating.
+func (h Host) Lifecycle() State {
+	if h.State == Active && len(h.Keys) > 1 {
+		return Rotating
+	}
+	return h.State
+}
+
+// Serves reports whether the host's keys are handed out in state st.
+func (st State) Serves() bool { return st == New || st == Active || st == Rotating }
 
 // SealedKey is one LUKS passphrase of a host, sealed under the master key.
 // Sealed is opaque to the store.
