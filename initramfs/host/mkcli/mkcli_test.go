@@ -129,11 +129,11 @@ func TestBuildReproducibleAndLs(t *testing.T) {
 	ra := mk(t, a, []string{"TMPDIR=" + t.TempDir(), "SOURCE_DATE_EPOCH=1700000000"},
 		"build", "-c", "unlockrd.yaml", "-m", mods, "-o", "initramfs.img", "--init", bin)
 	rb := mk(t, b, []string{"TMPDIR=" + t.TempDir(), "SOURCE_DATE_EPOCH=1700000000", "HOME=/nowhere", "USER=someone"},
-		"build", "--config", "conf.yaml", "--modules", "mods", "--output", filepath.Join(b, "out.img"), "--init", bin, "--compress", "xz")
+		"build", "--config", "conf.yaml", "--modules", "mods", "--output", filepath.Join(b, "out.img"), "--init", bin, "--compress", "zstd")
 	if ra.code != 0 || rb.code != 0 {
 		t.Fatalf("builds failed:\n%+v\n%+v", ra, rb)
 	}
-	for _, want := range []string{"init", "modules", "config", "uncompressed", "image", "xz (XZ Utils)", "load order", "crc32c_generic?", "built in"} {
+	for _, want := range []string{"init", "modules", "config", "uncompressed", "image", "zstd, initramfs.img", "load order", "crc32c_generic?", "built in"} {
 		if !strings.Contains(ra.stdout, want) {
 			t.Errorf("size table lacks %q:\n%s", want, ra.stdout)
 		}
@@ -159,7 +159,7 @@ func TestBuildReproducibleAndLs(t *testing.T) {
 	}
 	for _, want := range []string{
 		"-rwxr-xr-x", " init\n", "crw-------", "5,1", "dev/console", "etc/unlockrd/modules.json",
-		"lib/modules/" + c.Release + "/kernel/fs/ext4/ext4.ko", "/etc/unlockrd/config.json:", `"pins": [`, "xz compression",
+		"lib/modules/" + c.Release + "/kernel/fs/ext4/ext4.ko", "/etc/unlockrd/config.json:", `"pins": [`, "zstd compression",
 	} {
 		if !strings.Contains(r.stdout, want) {
 			t.Errorf("ls output lacks %q:\n%s", want, r.stdout)
@@ -299,7 +299,7 @@ func TestNetboot(t *testing.T) {
 	if r.code != 0 {
 		t.Fatalf("netboot: %+v", r)
 	}
-	for _, want := range []string{"image", "xz (XZ Utils)", "pxe/initramfs.img", "kernel vmlinuz initrd=initramfs.img console=ttyS0 rd.unlockrd.host=${uuid}"} {
+	for _, want := range []string{"image", "zstd, pxe/initramfs.img", "pxe/initramfs.img", "kernel vmlinuz initrd=initramfs.img console=ttyS0 rd.unlockrd.host=${uuid}"} {
 		if !strings.Contains(r.stdout, want) {
 			t.Errorf("output lacks %q:\n%s", want, r.stdout)
 		}
