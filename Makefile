@@ -17,7 +17,7 @@ build:
 	@mkdir -p $(BIN)
 	$(GO) build $(INIT_FLAGS) -o $(BIN)/unlockrd-init ./cmd/unlockrd-init
 	$(GO) build $(HOST_FLAGS) -o $(BIN)/ ./cmd/mkunlockrd
-	CGO_ENABLED=1 $(GO) build $(HOST_FLAGS) -o $(BIN)/ ./cmd/unlockrd-keyserver
+	CGO_ENABLED=1 $(GO) build $(HOST_FLAGS) -buildmode=pie -o $(BIN)/ ./cmd/unlockrd-keyserver
 
 # Debian packages unlockrd and unlockrd-keyserver from the tree (dpkg-deb,
 # no network), checked by lintian: any error fails.

@@ -8,12 +8,14 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/unlockrd/unlockrd/qemu-tests/harness"
 	"github.com/unlockrd/unlockrd/qemu-tests/kernelcache"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/adminapi"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/adminapi/admintest"
+	"github.com/unlockrd/unlockrd/unlock/host/keyserver/pkcs11key/softhsmtest"
 	"github.com/unlockrd/unlockrd/unlock/host/keyserver/store"
 )
 
@@ -22,20 +24,26 @@ import (
 // made by a control-plane client over mutual TLS; no `host` command and no
 // access to the data folder.
 
-// masterKeyOption gives serve its master key: the file master key here;
-// the PKCS#11 (SoftHSM2) option slots in as another function of this type.
+// masterKeyOption gives serve its master key (its flags), preparing what
+// it needs under dir.
 type masterKeyOption func(t *testing.T, ctx context.Context, dir string) []string
 
-// fileMasterKey keeps the master key in a file outside the data folder.
-func fileMasterKey(t *testing.T, _ context.Context, dir string) []string {
+// softHSMMasterKey keeps the master key in a real SoftHSM2 token (Debian's
+// softhsm2): serve creates the non-extractable token key on first start.
+// The token folder is named to the server through SOFTHSM2_CONF, which the
+// key server inherits from the test's environment.
+func softHSMMasterKey(t *testing.T, _ context.Context, dir string) []string {
 	t.Helper()
-	path := filepath.Join(dir, "master.key")
-	mk, err := keyserver.CreateMasterKey(path)
+	tk, err := softhsmtest.New(filepath.Join(dir, "softhsm"), "qemu-admin-pin", "unlockrd")
 	if err != nil {
 		t.Fatal(err)
 	}
-	clear(mk)
-	return []string{"--master-key", path}
+	t.Setenv(softhsmtest.ConfEnv, tk.Conf)
+	uri, err := tk.PINFileURI(dir, "unlockrd", "unlockrd-master")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return []string{"--master-key", uri}
 }
 
 // adminServer is a key server with its admin API and a client of it.
@@ -66,7 +74,9 @@ func startAdminServer(t *testing.T, ctx context.Context, bins *harness.Bins, dir
 	adminAddr := l.Addr().String()
 	l.Close()
 	data := filepath.Join(dir, "keyserver")
-	args := append([]string{"--admin-listen", adminAddr, "--admin-ca", ca.File, "--admin-allow-export"}, mk(t, ctx, dir)...)
+	// Last-seen times are written every second, so a boot shows in the
+	// host's record while the test waits.
+	args := append([]string{"--admin-listen", adminAddr, "--admin-ca", ca.File, "--admin-allow-export", "--last-seen-interval", "1s"}, mk(t, ctx, dir)...)
 	ks, err := harness.StartKeyServer(ctx, bins.KeyServer, data, "", testLog{t}, args...)
 	if err != nil {
 		t.Fatal(err)
@@ -82,8 +92,10 @@ func startAdminServer(t *testing.T, ctx context.Context, bins *harness.Bins, dir
 	return &adminServer{KeyServer: ks, admin: c, client: cl}
 }
 
+// TestAdminAPIEnrolBootRotateBootRevoke runs with the master key in
+// SoftHSM2 (issue 13); every other QEMU test uses a key file.
 func TestAdminAPIEnrolBootRotateBootRevoke(t *testing.T) {
-	testAdminAPILifecycle(t, fileMasterKey)
+	testAdminAPILifecycle(t, softHSMMasterKey)
 }
 
 func testAdminAPILifecycle(t *testing.T, mk masterKeyOption) {
@@ -128,6 +140,12 @@ func testAdminAPILifecycle(t *testing.T, mk masterKeyOption) {
 		vm.Wait(bootTimeout)
 	}
 	boot("boot 1 (enrolled)")
+	// The boot confirmed its first key (the state leaves new) and was
+	// seen, from QEMU's user network (the host's loopback), without any
+	// admin call in between.
+	waitHost(t, ctx, srv.admin, s.uuid, func(hi adminapi.HostInfo) bool {
+		return hi.State == string(store.Active) && !hi.LastSeen.IsZero() && hi.LastSource == "127.0.0.1"
+	})
 
 	// Rotate: the new key is exported and added to the volumes, the old
 	// slot killed, the rotation finished; the next boot has only the new key.
@@ -154,7 +172,14 @@ func testAdminAPILifecycle(t *testing.T, mk masterKeyOption) {
 	if dropped, err := srv.admin.Finish(ctx, s.uuid); err != nil || len(dropped) != 1 || dropped[0] != added.KeyID {
 		t.Fatalf("finish = %v, %v; want [%s]", dropped, err, added.KeyID)
 	}
+	seen1, err := srv.admin.Get(ctx, s.uuid)
+	if err != nil {
+		t.Fatal(err)
+	}
 	boot("boot 2 (rotated)")
+	waitHost(t, ctx, srv.admin, s.uuid, func(hi adminapi.HostInfo) bool {
+		return hi.State == string(store.Active) && len(hi.Keys) == 1 && hi.Keys[0] == kid && hi.LastSeen.After(seen1.LastSeen)
+	})
 
 	// Revoke: the host is refused and its volumes are never touched.
 	if hi, err := srv.admin.SetState(ctx, s.uuid, store.Revoked); err != nil || hi.State != string(store.Revoked) {
@@ -181,4 +206,20 @@ func testAdminAPILifecycle(t *testing.T, mk masterKeyOption) {
 	if strings.Contains(logs, s.token) {
 		t.Errorf("the host's token reached the server's log")
 	}
+}
+
+// waitHost polls the admin API until host id's record satisfies ok (the
+// last-seen flush runs every second), failing the test after a minute.
+func waitHost(t *testing.T, ctx context.Context, c *adminapi.Client, id string, ok func(adminapi.HostInfo) bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	var hi adminapi.HostInfo
+	var err error
+	for time.Now().Before(deadline) {
+		if hi, err = c.Get(ctx, id); err == nil && ok(hi) {
+			return
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+	t.Fatalf("host %s never reached the expected record: last %+v, %v", id, hi, err)
 }

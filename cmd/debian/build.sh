@@ -126,7 +126,11 @@ install_file "$here/unlockrd-keyserver/unlockrd-keyserver.service" "$r/lib/syste
 install_file "$here/unlockrd-keyserver/sysusers.conf" "$r/usr/lib/sysusers.d/unlockrd-keyserver.conf" 0644
 install_file "$here/unlockrd-keyserver/default" "$r/etc/default/unlockrd-keyserver" 0644
 doc unlockrd-keyserver "$r"
-overrides unlockrd-keyserver "$r" "statically-linked-binary [usr/bin/unlockrd-keyserver]"
+# The key server is linked with cgo (PKCS#11 modules are shared libraries
+# it loads): its libc dependency is the newest GLIBC_ symbol version it
+# uses, as dpkg-shlibdeps would compute it from libc6's symbols file.
+glibc=$(objdump -T "$r/usr/bin/unlockrd-keyserver" | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -Vu | tail -n 1)
+[ -n "$glibc" ] || { echo "build.sh: unlockrd-keyserver has no GLIBC_ symbol: not the cgo build" >&2; exit 1; }
 mkdir -p "$r/DEBIAN"
 for s in postinst prerm postrm; do
 	install_file "$here/unlockrd-keyserver/$s" "$r/DEBIAN/$s" 0755
@@ -137,7 +141,7 @@ Version: $version
 Architecture: $arch
 Maintainer: $maintainer
 Installed-Size: @SIZE@
-Depends: systemd
+Depends: libc6 (>= $glibc), systemd
 Section: admin
 Priority: optional
 Homepage: https://github.com/unlockrd/unlockrd
