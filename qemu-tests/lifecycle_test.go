@@ -3,7 +3,9 @@ package qemutests
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"hash/crc32"
 	"os"
@@ -78,6 +80,64 @@ func checkProvisioned(t *testing.T, ctx context.Context, s *volSetup, name strin
 	return dump
 }
 
+// volumeKeyOf asks cryptsetup for the volume key of partition name, opened
+// with key (test material, written to a private temporary file).
+func volumeKeyOf(t *testing.T, ctx context.Context, s *volSetup, name string, key []byte) []byte {
+	t.Helper()
+	dir := t.TempDir()
+	file, err := s.disk.ExtractPartition(name, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kf := filepath.Join(dir, "key")
+	if err := os.WriteFile(kf, key, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.CommandContext(ctx, "cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode", "--key-file", kf, file).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s: cryptsetup luksDump --dump-volume-key: %v: %s", name, err, out)
+	}
+	// "MK dump:\t11 22 ...", continued on indented lines of hex pairs.
+	_, rest, ok := strings.Cut(string(out), "MK dump:")
+	if !ok {
+		t.Fatalf("%s: no MK dump in:\n%s", name, out)
+	}
+	var vk []byte
+	for _, f := range strings.Fields(rest) {
+		b, err := hex.DecodeString(f)
+		if err != nil || len(b) != 1 {
+			break
+		}
+		vk = append(vk, b[0])
+	}
+	if len(vk) != 64 {
+		t.Fatalf("%s: volume key of %d bytes from:\n%s", name, len(vk), out)
+	}
+	return vk
+}
+
+// assertNoSecrets fails if any secret appears, in hex (either case) or
+// base64 (standard or URL alphabet), on the VM's console or in logs.
+func assertNoSecrets(t *testing.T, vm *harness.VM, logs string, secrets map[string][]byte) {
+	t.Helper()
+	var console strings.Builder
+	for _, l := range vm.Lines() {
+		console.WriteString(l.Text + "\n")
+	}
+	for what, b := range secrets {
+		forms := []string{hex.EncodeToString(b), strings.ToUpper(hex.EncodeToString(b)),
+			base64.StdEncoding.EncodeToString(b), base64.RawURLEncoding.EncodeToString(b)}
+		for _, f := range forms {
+			if strings.Contains(console.String(), f) {
+				t.Errorf("%s on the console", what)
+			}
+			if strings.Contains(logs, f) {
+				t.Errorf("%s in the key server's log", what)
+			}
+		}
+	}
+}
+
 // TestLifecycleProvision: a new host with blank data and swap partitions
 // marked provision formats both at first boot (data gets ext4), mounts
 // data, tells the key server, which then says active; the second boot
@@ -108,6 +168,13 @@ func TestLifecycleProvision(t *testing.T) {
 
 	checkProvisioned(t, ctx, s, "data", s.key)
 	checkProvisioned(t, ctx, s, "swap", s.key)
+	// The volume keys the initramfs made and the host key it formatted
+	// with never reached the console or the key server's log.
+	secrets := map[string][]byte{"host key": s.key}
+	for _, name := range []string{"data", "swap"} {
+		secrets[name+" volume key"] = volumeKeyOf(t, ctx, s, name, s.key)
+	}
+	assertNoSecrets(t, vm.VM, s.server.Logs(), secrets)
 	if st, _, err := harness.HostState(ctx, s.bins.KeyServer, s.data, s.uuid); err != nil || st != "active" {
 		t.Errorf("after provisioning: host state %q (%v), want active", st, err)
 	}
