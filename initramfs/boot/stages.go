@@ -80,7 +80,7 @@ func DefaultStages() Stages {
 		Unlock: func(ctx context.Context, vols []volumes.Prepared, ks []*secret.Buf, lc volumes.Lifecycle, log ulog.Logger) ([]volumes.Opened, error) {
 			return volumes.Unlock(ctx, vols, ks, lc, volumes.Options{}, log)
 		},
-		Confirm: keys.Confirm,
+		Confirm:    keys.Confirm,
 		Swap:       volumes.EnsureSwap,
 		Mount:      sysroot.MountAll,
 		SwitchRoot: sysroot.SwitchRoot,
