@@ -2,6 +2,7 @@ package luks2
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/aes"
 	crand "crypto/rand"
@@ -727,15 +728,23 @@ func repair(ctx context.Context, dev Device, h *Header, meta jobj) (*Header, err
 	return commit(ctx, dev, h.bin, meta, h.Size, h.SeqID+1)
 }
 
-// freeArea is the first gap of n bytes in the keyslots area, searched from
-// its start as cryptsetup does (LUKS2_find_area_gap).
-func freeArea(h *Header, n int64) (Area, error) {
-	start, end := 2*h.Size, 2*h.Size+h.KeyslotsSize
-	used := make([]Area, 0, len(h.Keyslots))
+// keyslotAreas returns the bounds of the keyslots area (after both header
+// copies) and the areas its keyslots use, by offset: what finding a gap
+// and wiping the gaps both walk.
+func keyslotAreas(h *Header) (start, end int64, used []Area) {
+	start, end = 2*h.Size, 2*h.Size+h.KeyslotsSize
+	used = make([]Area, 0, len(h.Keyslots))
 	for _, k := range h.Keyslots {
 		used = append(used, k.Area)
 	}
-	slices.SortFunc(used, func(a, b Area) int { return int(a.Offset - b.Offset) })
+	slices.SortFunc(used, func(a, b Area) int { return cmp.Compare(a.Offset, b.Offset) })
+	return start, end, used
+}
+
+// freeArea is the first gap of n bytes in the keyslots area, searched from
+// its start as cryptsetup does (LUKS2_find_area_gap).
+func freeArea(h *Header, n int64) (Area, error) {
+	start, end, used := keyslotAreas(h)
 	off := start
 	for _, u := range used {
 		if off+n <= u.Offset {
@@ -815,12 +824,7 @@ func wipeRange(dev Device, off, n int64, rnd io.Reader) error {
 
 // wipeFree wipes every gap of the keyslots area that no keyslot uses.
 func wipeFree(dev Device, h *Header, rnd io.Reader) error {
-	start, end := 2*h.Size, 2*h.Size+h.KeyslotsSize
-	used := make([]Area, 0, len(h.Keyslots))
-	for _, k := range h.Keyslots {
-		used = append(used, k.Area)
-	}
-	slices.SortFunc(used, func(a, b Area) int { return int(a.Offset - b.Offset) })
+	start, end, used := keyslotAreas(h)
 	off := start
 	for _, u := range append(used, Area{Offset: end}) {
 		if u.Offset > off {
