@@ -5,11 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"slices"
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/insomniacslk/dhcp/rfc1035label"
 	"golang.org/x/sys/unix"
@@ -18,16 +18,26 @@ import (
 // ndOpts collects the DNS options of IPv6 router advertisements (RDNSS,
 // DNSSL: RFC 8106). The kernel does SLAAC itself but passes these options
 // on to whoever listens on the RTNLGRP_ND_USEROPT netlink group.
+//
+// The socket is read synchronously, when auto6 asks, not by a goroutine:
+// the kernel adds the SLAAC address before it queues the options of the
+// same advertisement, so a background reader could still be asleep when
+// auto6 sees the address and asks for the DNS servers (a CI run lost them
+// that way). Reading the queue in get leaves no such window.
 type ndOpts struct {
-	f    *os.File
-	done chan struct{}
-
 	mu     sync.Mutex
+	fd     int
+	buf    []byte
 	dns    map[int][]netip.Addr
 	search map[int][]string
 }
 
 const rtmNewNDUserOpt = 68 // RTM_NEWNDUSEROPT
+
+// ndSettle bounds the wait, after auto6 saw its address, for the options
+// of the advertisement that gave it (queued microseconds after the
+// address). An advertisement without DNS options costs this once.
+const ndSettle = 20 * time.Millisecond
 
 func listenNDUserOpts() (*ndOpts, error) {
 	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, unix.NETLINK_ROUTE)
@@ -38,29 +48,23 @@ func listenNDUserOpts() (*ndOpts, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("netlink bind: %w", err)
 	}
-	// A non-blocking descriptor in an os.File uses the runtime's poller,
-	// so Close unblocks the reader.
-	n := &ndOpts{f: os.NewFile(uintptr(fd), "nd-useropt"), done: make(chan struct{}),
-		dns: map[int][]netip.Addr{}, search: map[int][]string{}}
-	go n.read()
-	return n, nil
+	return &ndOpts{fd: fd, buf: make([]byte, 65536),
+		dns: map[int][]netip.Addr{}, search: map[int][]string{}}, nil
 }
 
-func (n *ndOpts) read() {
-	defer close(n.done)
-	buf := make([]byte, 65536)
+// drain reads every queued message without blocking. An overrun queue
+// (ENOBUFS) lost some messages but the socket goes on; routers repeat
+// their advertisements. Called with n.mu held.
+func (n *ndOpts) drain() {
 	for {
-		k, err := n.f.Read(buf)
-		if err != nil {
-			if errors.Is(err, os.ErrClosed) {
-				return
-			}
-			if errors.Is(err, unix.ENOBUFS) {
-				continue
-			}
+		k, _, err := unix.Recvfrom(n.fd, n.buf, unix.MSG_DONTWAIT)
+		if errors.Is(err, unix.ENOBUFS) || errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil || k <= 0 {
 			return
 		}
-		msgs, err := syscall.ParseNetlinkMessage(buf[:k])
+		msgs, err := syscall.ParseNetlinkMessage(n.buf[:k])
 		if err != nil {
 			continue
 		}
@@ -78,8 +82,6 @@ func (n *ndOpts) read() {
 }
 
 func (n *ndOpts) add(idx int, dns []netip.Addr, search []string) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
 	for _, d := range dns {
 		if !slices.Contains(n.dns[idx], d) {
 			n.dns[idx] = append(n.dns[idx], d)
@@ -93,15 +95,30 @@ func (n *ndOpts) add(idx int, dns []netip.Addr, search []string) {
 }
 
 // get returns what router advertisements on link idx announced so far.
+// When nothing did yet, it waits up to ndSettle for options to arrive.
 func (n *ndOpts) get(idx int) ([]netip.Addr, []string) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	n.drain()
+	deadline := time.Now().Add(ndSettle)
+	for len(n.dns[idx]) == 0 && len(n.search[idx]) == 0 {
+		left := time.Until(deadline)
+		if left <= 0 {
+			break
+		}
+		fds := []unix.PollFd{{Fd: int32(n.fd), Events: unix.POLLIN}}
+		if k, err := unix.Poll(fds, int(left.Milliseconds())+1); err != nil && !errors.Is(err, unix.EINTR) || k == 0 {
+			break
+		}
+		n.drain()
+	}
 	return slices.Clone(n.dns[idx]), slices.Clone(n.search[idx])
 }
 
 func (n *ndOpts) close() {
-	n.f.Close()
-	<-n.done
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	unix.Close(n.fd)
 }
 
 // ND option types (RFC 8106).
