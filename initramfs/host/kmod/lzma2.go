@@ -2,6 +2,7 @@ package kmod
 
 import (
 	"errors"
+	"slices"
 )
 
 // prefixDecoder decodes the start of an .xz file whose blocks are plain
@@ -23,6 +24,12 @@ import (
 type prefixDecoder struct {
 	in []byte // the .xz file
 	ip int    // next input byte
+	// padded is in followed by lzmaPad zero bytes: bit reads its input
+	// from it without a bounds branch of its own, small enough for the
+	// compiler to inline it (the bit decoder is most of the scan's CPU).
+	// decodeLZMA checks before each symbol that the input did not run
+	// out, and no symbol reads lzmaPad bytes.
+	padded []byte
 	// blockStart is where the current block's header starts; check is the
 	// size of each block's check field.
 	blockStart, check int
@@ -79,8 +86,19 @@ func newPrefixDecoder(in []byte) *prefixDecoder {
 	if start < 0 || check < 0 {
 		return nil
 	}
-	return &prefixDecoder{in: in, ip: start, blockStart: 12, check: check}
+	padded := in[:len(in):len(in)]
+	if cap(in)-len(in) >= lzmaPad {
+		padded = in[:len(in)+lzmaPad]
+		clear(padded[len(in):])
+	} else {
+		padded = append(padded, make([]byte, lzmaPad)...)
+	}
+	return &prefixDecoder{in: in, padded: padded, ip: start, blockStart: 12, check: check}
 }
+
+// lzmaPad bounds the input one LZMA symbol reads (at most one byte per
+// bit decoded: fewer than 64), with room to spare.
+const lzmaPad = 128
 
 // endBlock moves past the end of an LZMA2 block (padding, check) to the
 // next block's data, or sets done at the index.
@@ -242,7 +260,9 @@ func (d *prefixDecoder) chunkHeader() error {
 // bit decodes one bit with probability *p.
 func (d *prefixDecoder) bit(p *uint16) uint32 {
 	if d.rng < 1<<24 {
-		d.normalize()
+		d.rng <<= 8
+		d.code = d.code<<8 | uint32(d.padded[d.ip])
+		d.ip++
 	}
 	bound := (d.rng >> 11) * uint32(*p)
 	if d.code < bound {
@@ -337,6 +357,11 @@ func (d *prefixDecoder) decodeLZMA(want int) error {
 				prev = int(d.out[len(d.out)-1])
 			}
 			probs := d.literal[0x300*((pos&lpMask)<<d.lc+prev>>(8-d.lc)):]
+			// The literal's bits, with the range decoder in locals: most
+			// of the scan's bits are literal bits, and through d the
+			// compiler must store rng and code at every bit (the
+			// probabilities it writes live in d too).
+			rng, code, ip, in := d.rng, d.code, d.ip, d.padded
 			sym := 1
 			if st >= 7 {
 				if d.rep[0] >= pos {
@@ -346,7 +371,24 @@ func (d *prefixDecoder) decodeLZMA(want int) error {
 				for sym < 0x100 {
 					mb := match >> 7 & 1
 					match <<= 1
-					b := int(d.bit(&probs[0x100+mb<<8+sym]))
+					if rng < 1<<24 {
+						rng <<= 8
+						code = code<<8 | uint32(in[ip])
+						ip++
+					}
+					pr := &probs[0x100+mb<<8+sym]
+					v := uint32(*pr)
+					bound := (rng >> 11) * v
+					b := 0
+					if code < bound {
+						rng = bound
+						*pr = uint16(v + (1<<11-v)>>5)
+					} else {
+						rng -= bound
+						code -= bound
+						*pr = uint16(v - v>>5)
+						b = 1
+					}
 					sym = sym<<1 | b
 					if b != mb {
 						break
@@ -354,8 +396,26 @@ func (d *prefixDecoder) decodeLZMA(want int) error {
 				}
 			}
 			for sym < 0x100 {
-				sym = sym<<1 | int(d.bit(&probs[sym]))
+				if rng < 1<<24 {
+					rng <<= 8
+					code = code<<8 | uint32(in[ip])
+					ip++
+				}
+				pr := &probs[sym]
+				v := uint32(*pr)
+				bound := (rng >> 11) * v
+				if code < bound {
+					rng = bound
+					*pr = uint16(v + (1<<11-v)>>5)
+					sym <<= 1
+				} else {
+					rng -= bound
+					code -= bound
+					*pr = uint16(v - v>>5)
+					sym = sym<<1 | 1
+				}
 			}
+			d.rng, d.code, d.ip = rng, code, ip
 			d.out = append(d.out, byte(sym))
 			switch {
 			case st < 4:
@@ -435,10 +495,11 @@ func (d *prefixDecoder) decodeLZMA(want int) error {
 		if d.rep[0] >= pos || len(d.out)+n > end {
 			return errLZMA
 		}
-		from := len(d.out) - d.rep[0] - 1
-		for i := 0; i < n; i++ {
-			d.out = append(d.out, d.out[from+i])
+		o := slices.Grow(d.out, n)[:len(d.out)+n]
+		for i, dist := len(d.out), d.rep[0]+1; i < len(o); i++ {
+			o[i] = o[i-dist] // byte by byte: the copy may overlap itself
 		}
+		d.out = o
 	}
 	d.unpacked = end - len(d.out)
 	if d.unpacked == 0 {

@@ -152,7 +152,7 @@ func readFile(p string) ([]byte, error) {
 // (Tree.confirm), so a record of another section that looks like an alias
 // costs a read, never a wrong module.
 func scanAliasesXZ(p, name string) (aliases []string, ok bool, err error) {
-	b, err := os.ReadFile(p)
+	b, err := readPadded(p, lzmaPad)
 	if err != nil {
 		return nil, false, err
 	}
@@ -286,4 +286,23 @@ func xzCheckSize(flags byte) int {
 		return 32
 	}
 	return 64
+}
+
+// readPadded reads file p into a slice with pad bytes of spare capacity,
+// which the prefix decoder uses rather than copying the file.
+func readPadded(p string, pad int) ([]byte, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	b := make([]byte, st.Size(), st.Size()+int64(pad))
+	if _, err := io.ReadFull(f, b); err != nil {
+		return nil, fmt.Errorf("%s: %w", p, err)
+	}
+	return b, nil
 }

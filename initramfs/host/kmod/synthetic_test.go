@@ -5,11 +5,14 @@ import (
 	"debug/elf"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/ulikunitz/xz"
 
 	"github.com/unlockrd/unlockrd/initramfs/ulog/ulogtest"
 )
@@ -252,4 +255,39 @@ func TestOpenThroughSymlink(t *testing.T) {
 	if _, err := tree.ReadModule(got[0]); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// FuzzPrefixDecoder feeds damaged .xz files to the prefix decoder: it may
+// fail, never panic (its bit decoder reads past the input into padding
+// without a bounds branch of its own; decodeLZMA must stop it in time).
+func FuzzPrefixDecoder(f *testing.F) {
+	var xzFile bytes.Buffer
+	w, err := xz.NewWriter(&xzFile)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for i := 0; i < 2000; i++ {
+		fmt.Fprintf(w, "alias=pci:v%08Xd*sv*sd*bc*sc*i*\x00vermagic=6.12 SMP\x00", i*7919)
+	}
+	if err := w.Close(); err != nil {
+		f.Fatal(err)
+	}
+	good := xzFile.Bytes()
+	f.Add(good, uint(0), byte(0))
+	f.Add(good, uint(40), byte(0xff))
+	f.Add(good[:len(good)/2], uint(0), byte(0))
+	f.Fuzz(func(t *testing.T, b []byte, at uint, x byte) {
+		b = bytes.Clone(b)
+		if len(b) > 0 {
+			b[at%uint(len(b))] ^= x
+		}
+		d := newPrefixDecoder(b)
+		if d == nil {
+			return
+		}
+		_ = d.fill(1 << 20)
+		if len(d.out) > 1<<20+(1<<21) {
+			t.Fatalf("decoded %d bytes when asked for 1 MiB", len(d.out))
+		}
+	})
 }
