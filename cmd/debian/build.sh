@@ -66,6 +66,34 @@ C
 		gzip -9n >"$d/changelog.gz"
 }
 
+# manpage ROOT PAGE SECTION SUMMARY -- SECTION-TITLE COMMAND... [-- ...]:
+# a man page made from the tools' own --help texts, so that it says what
+# the binary in the package does (lintian wants one per command); each
+# "-- TITLE COMMAND..." adds a section with that command's output.
+manpage() {
+	local root=$1 page=$2 sec=$3 summary=$4 title
+	shift 4
+	local f=$root/usr/share/man/man$sec/$page.$sec
+	mkdir -p "$(dirname "$f")"
+	{
+		printf '.TH %s %s "%s" "unlockrd %s" "unlockrd"\n' "${page^^}" "$sec" "$(date -u -d "@$epoch" +%Y-%m-%d)" "$version"
+		printf '.SH NAME\n%s \\- %s\n' "$page" "$summary"
+		while [ "$#" -gt 0 ]; do
+			[ "$1" = -- ] || { echo "manpage: want -- TITLE COMMAND..." >&2; return 1; }
+			title=$2
+			shift 2
+			local cmd=()
+			while [ "$#" -gt 0 ] && [ "$1" != -- ]; do cmd+=("$1"); shift; done
+			printf '.SH %s\n.nf\n' "$title"
+			# Help goes to stderr with a status of 0 or 2 (flag.ErrHelp).
+			{ "${cmd[@]}" 2>&1 || true; } | sed -e 's/\\/\\e/g' -e "s/^[.']/\\\\\&&/"
+			printf '.fi\n'
+		done
+		printf '.SH SEE ALSO\nThe README of the unlockrd source tree (Installing on Debian, the\noperator section) and /etc/unlockrd/unlockrd.yaml.\n'
+	} >"$f"
+	gzip -9n "$f"
+}
+
 # finish PKG ROOT: control metadata, md5sums, conffiles, then dpkg-deb.
 finish() {
 	local pkg=$1 root=$2 size
@@ -92,6 +120,11 @@ install_file "$here/unlockrd/postinst.d" "$r/etc/kernel/postinst.d/unlockrd" 075
 install_file "$here/unlockrd/postrm.d" "$r/etc/kernel/postrm.d/unlockrd" 0755
 install_file "$here/unlockrd/kernel-install" "$r/usr/lib/kernel/install.d/50-unlockrd.install" 0755
 doc unlockrd "$r"
+man_args=(-- DESCRIPTION "$bin/mkunlockrd" --help)
+for c in build netboot ls pin check; do
+	man_args+=(-- "COMMAND ${c^^}" "$bin/mkunlockrd" "$c" -h)
+done
+manpage "$r" mkunlockrd 8 "build the unlockrd initramfs for a kernel" "${man_args[@]}"
 overrides unlockrd "$r" "statically-linked-binary [usr/lib/unlockrd/mkunlockrd]" "statically-linked-binary [usr/lib/unlockrd/unlockrd-init]"
 mkdir -p "$r/DEBIAN"
 cat >"$r/DEBIAN/control" <<C
@@ -126,6 +159,7 @@ install_file "$here/unlockrd-keyserver/unlockrd-keyserver.service" "$r/lib/syste
 install_file "$here/unlockrd-keyserver/sysusers.conf" "$r/usr/lib/sysusers.d/unlockrd-keyserver.conf" 0644
 install_file "$here/unlockrd-keyserver/default" "$r/etc/default/unlockrd-keyserver" 0644
 doc unlockrd-keyserver "$r"
+manpage "$r" unlockrd-keyserver 1 "key server for unlockrd's network-bound disk unlocking" -- DESCRIPTION "$bin/unlockrd-keyserver" --help
 # The key server is linked with cgo (PKCS#11 modules are shared libraries
 # it loads): its libc dependency is the newest GLIBC_ symbol version it
 # uses, as dpkg-shlibdeps would compute it from libc6's symbols file.
