@@ -172,9 +172,12 @@ func decryptArea(enc string, key, buf []byte) error {
 	if !areaKeySizeOK(enc, len(key)) {
 		return fmt.Errorf("area cipher %s with a %d-byte key", enc, len(key))
 	}
+	// The expanded keys are as secret as key.
+	var keys secret.AESKeys
+	defer keys.Wipe()
 	switch enc {
 	case "aes-xts-plain64", "aes-xts-plain":
-		c, err := xts.NewCipher(aes.NewCipher, key)
+		c, err := xts.NewCipher(keys.New, key)
 		if err != nil {
 			return err
 		}
@@ -184,12 +187,12 @@ func decryptArea(enc string, key, buf []byte) error {
 		}
 		return nil
 	case "aes-cbc-essiv:sha256":
-		b, err := aes.NewCipher(key)
+		b, err := keys.New(key)
 		if err != nil {
 			return err
 		}
 		salt := sha256.Sum256(key)
-		essiv, err := aes.NewCipher(salt[:])
+		essiv, err := keys.New(salt[:])
 		clear(salt[:])
 		if err != nil {
 			return err

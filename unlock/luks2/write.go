@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"cmp"
 	"context"
-	"crypto/aes"
 	crand "crypto/rand"
 	"crypto/sha256"
 	"crypto/subtle"
@@ -500,7 +499,9 @@ func encryptArea(enc string, key, buf []byte) error {
 	if enc != FormatCipher || !areaKeySizeOK(enc, len(key)) || len(buf)%512 != 0 {
 		return fmt.Errorf("area cipher %s with a %d-byte key over %d bytes", enc, len(key), len(buf))
 	}
-	c, err := xts.NewCipher(aes.NewCipher, key)
+	var keys secret.AESKeys // the expanded keys are as secret as key
+	defer keys.Wipe()
+	c, err := xts.NewCipher(keys.New, key)
 	if err != nil {
 		return err
 	}
