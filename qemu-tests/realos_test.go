@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -210,6 +211,7 @@ func testRealOS(t *testing.T, name string, bootUpgrade bool) {
 	out = r.run("kernel-install", "--verbose", "add", oldVer, "/boot/vmlinuz-"+oldVer)
 	t.Logf("kernel-install add %s:\n%s", oldVer, grepLines(out, "unlockrd"))
 	r.checkImage(e.Bins.Mkunlockrd, oldVer)
+	r.checkLoaderEntry(e.Bins.Mkunlockrd, oldVer)
 
 	// Removing the old kernel removes its image (postrm.d).
 	r.run("dpkg", "--purge", pkgName(oldDeb))
@@ -336,6 +338,15 @@ func (r *chroot) copyIn(src, p string) {
 func (r *chroot) checkImage(mkunlockrd, ver string) {
 	r.t.Helper()
 	img := r.path("/boot/initrd.img-" + ver)
+	r.checkImageFile(mkunlockrd, img, ver)
+	if st, err := os.Stat(img); err == nil && st.Mode().Perm() != 0o600 {
+		r.t.Errorf("%s: mode %v, want 0600 (the image holds the key server's token source and pins)", img, st.Mode().Perm())
+	}
+}
+
+// checkImageFile checks that img is unlockrd's image for kernel ver.
+func (r *chroot) checkImageFile(mkunlockrd, img, ver string) {
+	r.t.Helper()
 	out, err := exec.Command(mkunlockrd, "ls", img).CombinedOutput()
 	if err != nil {
 		r.t.Fatalf("mkunlockrd ls %s: %v\n%s", img, err, out)
@@ -345,8 +356,69 @@ func (r *chroot) checkImage(mkunlockrd, ver string) {
 			r.t.Errorf("%s: no %s in the image (mkunlockrd ls):\n%s", img, want, out)
 		}
 	}
-	if st, err := os.Stat(img); err == nil && st.Mode().Perm() != 0o600 {
-		r.t.Errorf("%s: mode %v, want 0600 (the image holds the key server's token source and pins)", img, st.Mode().Perm())
+}
+
+// checkLoaderEntry runs kernel-install in the boot loader specification
+// layout (systemd-boot's) into a scratch boot root, twice: with Debian's
+// bridge plugin (55- or 85-initrd.install, which stages
+// /boot/initrd.img-VER) and with it masked. Either way the entry must name
+// exactly one initrd, unlockrd's: two would be unpacked one over the
+// other, the second winning.
+func (r *chroot) checkLoaderEntry(mkunlockrd, ver string) {
+	r.t.Helper()
+	const boot, token = "/tmp/bls-boot", "unlockrdtest"
+	r.write("/tmp/bls-conf/install.conf", "layout=bls\nBOOT_ROOT="+boot+"\n", 0o644)
+	r.write("/tmp/bls-conf/entry-token", token+"\n", 0o644)
+	masks := []string{r.path("/etc/kernel/install.d/55-initrd.install"), r.path("/etc/kernel/install.d/85-initrd.install")}
+	defer func() {
+		for _, m := range masks {
+			os.Remove(m)
+		}
+	}()
+	for _, c := range []struct {
+		bridge bool
+		staged string // the initrd the entry must name
+	}{{true, "initrd.img-" + ver}, {false, "initrd"}} {
+		if err := os.RemoveAll(r.path(boot)); err != nil {
+			r.t.Fatal(err)
+		}
+		if err := os.MkdirAll(r.path(boot), 0o755); err != nil {
+			r.t.Fatal(err)
+		}
+		for _, m := range masks {
+			os.Remove(m)
+			if !c.bridge {
+				if err := os.MkdirAll(filepath.Dir(m), 0o755); err != nil {
+					r.t.Fatal(err)
+				}
+				if err := os.Symlink("/dev/null", m); err != nil {
+					r.t.Fatal(err)
+				}
+			}
+		}
+		out := r.run("env", "KERNEL_INSTALL_CONF_ROOT=/tmp/bls-conf", "MACHINE_ID=0123456789abcdef0123456789abcdef",
+			"kernel-install", "--verbose", "add", ver, "/boot/vmlinuz-"+ver)
+		entry, err := os.ReadFile(r.path(boot + "/loader/entries/" + token + "-" + ver + ".conf"))
+		if err != nil {
+			r.t.Fatalf("kernel-install (bls layout, Debian's bridge plugin %v) wrote no loader entry: %v\n%s", c.bridge, err, out)
+		}
+		var initrds []string
+		for _, l := range strings.Split(string(entry), "\n") {
+			if f := strings.Fields(l); len(f) == 2 && f[0] == "initrd" {
+				initrds = append(initrds, f[1])
+			}
+		}
+		want := path.Join(boot, token, ver, c.staged)
+		if len(initrds) != 1 || initrds[0] != want {
+			r.t.Errorf("bls layout, Debian's bridge plugin %v: entry's initrds %q, want only %s\n%s\nkernel-install:\n%s",
+				c.bridge, initrds, want, entry, out)
+			continue
+		}
+		r.checkImageFile(mkunlockrd, r.path(want), ver)
+		r.t.Logf("bls layout, Debian's bridge plugin %v: entry's initrd %s", c.bridge, want)
+	}
+	if err := os.RemoveAll(r.path(boot)); err != nil {
+		r.t.Fatal(err)
 	}
 }
 
