@@ -7,7 +7,8 @@
 // Images are reproducible: the same inputs give the same bytes, whatever
 // the working directory, temporary directory, user, umask or clock of the
 // build. File times are SOURCE_DATE_EPOCH (or 0), owners are root, inode
-// numbers follow the sorted entry order.
+// numbers follow the entry order: sorted by name, the module tree's files
+// (and their load list and release) after the rest.
 //
 // It runs on the build host only.
 package image
