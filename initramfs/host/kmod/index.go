@@ -274,10 +274,11 @@ func (t *Tree) buildAliasIndex() (*aliasIndex, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			var sb scanBuffers
 			for i := range next {
 				p := filepath.Join(t.dir, filepath.FromSlash(t.files[names[i]]))
 				if strings.HasSuffix(p, ".ko.xz") {
-					as, ok, err := scanAliasesXZ(p, names[i])
+					as, ok, err := scanAliasesXZ(p, names[i], &sb)
 					if err != nil {
 						errs[i] = fmt.Errorf("module %s: %w", names[i], err)
 						continue

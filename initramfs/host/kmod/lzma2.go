@@ -78,13 +78,24 @@ var errLZMA = errors.New("corrupt LZMA2 data")
 // newPrefixDecoder returns a decoder of the .xz file in, or nil when in is
 // not one (or holds other filters than LZMA2).
 func newPrefixDecoder(in []byte) *prefixDecoder {
-	if len(in) < 12 || string(in[:6]) != "\xfd7zXZ\x00" || in[6] != 0 {
+	d := new(prefixDecoder)
+	if !d.init(in) {
 		return nil
+	}
+	return d
+}
+
+// init makes d a decoder of the .xz file in, keeping the memory of its
+// output and literal probabilities from the file it decoded before; false
+// when in is not such a file.
+func (d *prefixDecoder) init(in []byte) bool {
+	if len(in) < 12 || string(in[:6]) != "\xfd7zXZ\x00" || in[6] != 0 {
+		return false
 	}
 	check := xzCheckSize(in[7])
 	start := xzBlockStart(in, 12)
 	if start < 0 || check < 0 {
-		return nil
+		return false
 	}
 	padded := in[:len(in):len(in)]
 	if cap(in)-len(in) >= lzmaPad {
@@ -93,7 +104,9 @@ func newPrefixDecoder(in []byte) *prefixDecoder {
 	} else {
 		padded = append(padded, make([]byte, lzmaPad)...)
 	}
-	return &prefixDecoder{in: in, padded: padded, ip: start, blockStart: 12, check: check}
+	*d = prefixDecoder{in: in, padded: padded, ip: start, blockStart: 12, check: check,
+		out: d.out[:0], literal: d.literal[:0]}
+	return true
 }
 
 // lzmaPad bounds the input one LZMA symbol reads (at most one byte per

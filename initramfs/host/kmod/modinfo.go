@@ -151,13 +151,19 @@ func readFile(p string) ([]byte, error) {
 // every provider found this way from the exact .modinfo section
 // (Tree.confirm), so a record of another section that looks like an alias
 // costs a read, never a wrong module.
-func scanAliasesXZ(p, name string) (aliases []string, ok bool, err error) {
-	b, err := readPadded(p, lzmaPad)
+//
+// sb holds buffers reused from one call to the next (nil: fresh ones).
+func scanAliasesXZ(p, name string, sb *scanBuffers) (aliases []string, ok bool, err error) {
+	if sb == nil {
+		sb = new(scanBuffers)
+	}
+	b, err := readPadded(p, lzmaPad, sb.file[:0])
 	if err != nil {
 		return nil, false, err
 	}
-	d := newPrefixDecoder(b)
-	if d == nil {
+	sb.file = b
+	d := &sb.d
+	if !d.init(b) {
 		return nil, false, nil
 	}
 	var run runState
@@ -288,9 +294,20 @@ func xzCheckSize(flags byte) int {
 	return 64
 }
 
+// scanBuffers are what one goroutine of the alias scan reuses from module
+// to module: the file and the decoder (its output and literal
+// probabilities). Fresh ones for each of Debian 13's 4,230 modules cost
+// about a tenth of the scan's CPU in allocation, page faults and garbage
+// collection.
+type scanBuffers struct {
+	file []byte
+	d    prefixDecoder
+}
+
 // readPadded reads file p into a slice with pad bytes of spare capacity,
-// which the prefix decoder uses rather than copying the file.
-func readPadded(p string, pad int) ([]byte, error) {
+// which the prefix decoder uses rather than copying the file; buf's memory
+// is used when it is large enough.
+func readPadded(p string, pad int, buf []byte) ([]byte, error) {
 	f, err := os.Open(p)
 	if err != nil {
 		return nil, err
@@ -300,7 +317,11 @@ func readPadded(p string, pad int) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := make([]byte, st.Size(), st.Size()+int64(pad))
+	b := buf[:0]
+	if int64(cap(buf)) < st.Size()+int64(pad) {
+		b = make([]byte, 0, st.Size()+int64(pad))
+	}
+	b = b[:st.Size()]
 	if _, err := io.ReadFull(f, b); err != nil {
 		return nil, fmt.Errorf("%s: %w", p, err)
 	}

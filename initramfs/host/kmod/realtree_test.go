@@ -606,7 +606,8 @@ func TestClosureSameWithoutModulesDep(t *testing.T) {
 
 // TestAliasScanMatchesModinfo: the prefix scan of compressed modules
 // (scanAliasesXZ) finds exactly the aliases of the whole .modinfo section,
-// on a sample of Debian 13's .ko.xz tree.
+// on a sample of Debian 13's .ko.xz tree, with one set of buffers reused
+// from module to module as the tree-wide scan does.
 func TestAliasScanMatchesModinfo(t *testing.T) {
 	k := kernelcache.ForTestNamed(t, kernelcache.Debian13)
 	tree, err := Open(k.Modules)
@@ -614,12 +615,13 @@ func TestAliasScanMatchesModinfo(t *testing.T) {
 		t.Fatal(err)
 	}
 	found := 0
+	var sb scanBuffers
 	for i, n := range sortedNames(tree.files) {
 		p := filepath.Join(k.Modules, tree.files[n])
 		if i%5 != 0 || !strings.HasSuffix(p, ".ko.xz") {
 			continue
 		}
-		got, ok, err := scanAliasesXZ(p, n)
+		got, ok, err := scanAliasesXZ(p, n, &sb)
 		if err != nil {
 			t.Fatal(err)
 		}
