@@ -20,7 +20,9 @@ import (
 const bootTarget = 2500 * time.Millisecond
 
 // bootCompressions are the compressions the boot section races: the
-// default is meant to be whichever boots the default image fastest.
+// default is meant to be whichever boots the default image fastest of
+// those that keep it within sizeTarget on every kernel (a faster one over
+// 4 MB, gzip here, cannot be the default).
 var bootCompressions = []image.Compression{image.Xz, image.Zstd, image.Gzip}
 
 // ours is our side of the boot measurements: one enrolled host, its key
@@ -165,6 +167,7 @@ func benchBoot(ctx context.Context, r *report) error {
 
 	stageRE := regexp.MustCompile(`^unlockrd: ([a-z ]+): .* \(([0-9.]+)s\)$`)
 	sum := map[image.Compression]time.Duration{}
+	oversize := map[image.Compression]bool{} // over sizeTarget on some kernel
 	for _, kname := range r.kernels {
 		k, err := harness.KernelNamed(kname)
 		if err != nil {
@@ -203,6 +206,9 @@ func benchBoot(ctx context.Context, r *report) error {
 		r.printf("%s (%s), TCG, network unlock of data + swap:", kname, k.Release)
 		for _, comp := range bootCompressions {
 			st, _ := os.Stat(imgs[comp])
+			if st == nil || st.Size() > sizeTarget {
+				oversize[comp] = true
+			}
 			s, t := summarize(in[comp]), summarize(toInit[comp])
 			sum[comp] += t.median
 			r.printf("  %-4s %.2f MB: in the initramfs (Run /init -> real init) %s", comp, float64(st.Size())/1e6, s)
@@ -217,20 +223,27 @@ func benchBoot(ctx context.Context, r *report) error {
 		r.target(fmt.Sprintf("boot (%s): time in the initramfs ≤ 2.5 s (TCG)", kname), s.median <= bootTarget,
 			fmt.Sprintf("median %.2fs over %d boots (%s)", s.median.Seconds(), runs, image.DefaultCompression))
 	}
-	fastest := bootCompressions[0]
-	var detail []string
+	var (
+		fastest image.Compression
+		detail  []string
+	)
 	for _, comp := range bootCompressions {
-		if sum[comp] < sum[fastest] {
+		d := fmt.Sprintf("%s %.2fs", comp, sum[comp].Seconds())
+		if oversize[comp] {
+			detail = append(detail, d+" (image over 4 MB: not eligible)")
+			continue
+		}
+		if fastest == "" || sum[comp] < sum[fastest] {
 			fastest = comp
 		}
-		detail = append(detail, fmt.Sprintf("%s %.2fs", comp, sum[comp].Seconds()))
+		detail = append(detail, d)
 	}
 	// The kernel unpacks the image before it runs /init (asynchronously,
 	// beside the other initcalls, but waiting for it first), so the
 	// compression shows in kernel start -> real init, not in the time
 	// in the initramfs: that is the figure to choose it by.
-	r.printf("kernel start -> real init, sum of the medians on both kernels: %s; fastest: %s", strings.Join(detail, ", "), fastest)
-	r.target("compression: the default boots the default image fastest", fastest == image.DefaultCompression,
+	r.printf("kernel start -> real init, sum of the medians on both kernels: %s; fastest within 4 MB: %s", strings.Join(detail, ", "), fastest)
+	r.target("compression: the default boots the default image fastest of those within 4 MB", fastest == image.DefaultCompression,
 		fmt.Sprintf("default %s, fastest %s (kernel start -> real init, sum of medians on both kernels: %s)", image.DefaultCompression, fastest, strings.Join(detail, ", ")))
 	return nil
 }
