@@ -39,9 +39,19 @@ type ours struct {
 	nolock bool
 }
 
-func newOurs(ctx context.Context, dir string, nolock bool) (*ours, error) {
-	o := &ours{dir: dir, host: "bench-host", nolock: nolock}
-	var err error
+// newOurs sets up our side in a scratch folder of its own, named after the
+// bench section; Stop removes it.
+func newOurs(ctx context.Context, section string, nolock bool) (o *ours, err error) {
+	dir, err := os.MkdirTemp("", "unlockrd-bench-"+section+"-")
+	if err != nil {
+		return nil, err
+	}
+	o = &ours{dir: dir, host: "bench-host", nolock: nolock}
+	defer func() {
+		if err != nil {
+			o.Stop()
+		}
+	}()
 	if o.e, err = harness.Enroll(ctx, dir, o.host); err != nil {
 		return nil, err
 	}
@@ -49,19 +59,23 @@ func newOurs(ctx context.Context, dir string, nolock bool) (*ours, error) {
 		return nil, err
 	}
 	if err := os.MkdirAll(filepath.Join(dir, "fixture"), 0o755); err != nil {
-		o.srv.Stop()
 		return nil, err
 	}
 	fx, err := harness.NewFixture(ctx, filepath.Join(dir, "fixture"), o.e.Key)
 	if err != nil {
-		o.srv.Stop()
 		return nil, err
 	}
 	o.disk, o.hello = fx.Disk.Path, fx.HelloSHA256()
 	return o, nil
 }
 
-func (o *ours) Stop() { o.srv.Stop() }
+// Stop stops the key server and removes the scratch folder.
+func (o *ours) Stop() {
+	if o.srv != nil {
+		o.srv.Stop()
+	}
+	os.RemoveAll(o.dir)
+}
 
 // image builds the default image for a kernel with a compression.
 func (o *ours) image(ctx context.Context, kernel string, comp image.Compression) (string, error) {
@@ -149,16 +163,8 @@ func lastLines(ls []harness.Line, n int) string {
 // machine falls on all of them alike), and measures the time in the
 // initramfs from the kernel's own clock.
 func benchBoot(ctx context.Context, r *report) error {
-	runs := 5
-	if r.quick {
-		runs = 2
-	}
-	dir, err := os.MkdirTemp("", "unlockrd-bench-boot-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	o, err := newOurs(ctx, dir, r.nolock)
+	runs := r.runs(5, 2)
+	o, err := newOurs(ctx, "boot", r.nolock)
 	if err != nil {
 		return err
 	}

@@ -20,10 +20,7 @@ import (
 // ~/.cache/unlockrd/kmod-aliases). Runs alternate; the target is the cold
 // build without modules.dep at most 2× the build with it.
 func benchBuild(ctx context.Context, r *report) error {
-	runs := 3
-	if r.quick {
-		runs = 1
-	}
+	runs := r.runs(3, 1)
 	bins, err := harness.Binaries(ctx)
 	if err != nil {
 		return err

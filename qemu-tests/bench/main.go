@@ -39,6 +39,15 @@ func (r *report) printf(format string, a ...any) {
 	r.lines = append(r.lines, l)
 }
 
+// runs is how many times a section repeats its measurement: full, or
+// quick with -quick.
+func (r *report) runs(full, quick int) int {
+	if r.quick {
+		return quick
+	}
+	return full
+}
+
 // target records a target's verdict.
 func (r *report) target(name string, ok bool, detail string) {
 	mark := "MET"

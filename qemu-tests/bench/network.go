@@ -28,10 +28,7 @@ const networkTarget = 500 * time.Millisecond
 //     network stage (which also waits for the driver to register the
 //     link).
 func benchNetwork(ctx context.Context, r *report) error {
-	runs := 5
-	if r.quick {
-		runs = 2
-	}
+	runs := r.runs(5, 2)
 	root, err := harness.ModuleRoot()
 	if err != nil {
 		return err

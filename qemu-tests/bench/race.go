@@ -27,16 +27,8 @@ const raceTarget = 1.0 / 6
 // clevis. Both are timed from the kernel's "Run /init" to the test init's
 // first reading of the clock.
 func benchRace(ctx context.Context, r *report) error {
-	runs := 5
-	if r.quick {
-		runs = 2
-	}
-	dir, err := os.MkdirTemp("", "unlockrd-bench-race-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	o, err := newOurs(ctx, dir, r.nolock)
+	runs := r.runs(5, 2)
+	o, err := newOurs(ctx, "race", r.nolock)
 	if err != nil {
 		return err
 	}
@@ -54,14 +46,15 @@ func benchRace(ctx context.Context, r *report) error {
 		if err != nil {
 			return err
 		}
-		if err := raceKernel(ctx, r, dir, o, k, img, deb, runs); err != nil {
+		if err := raceKernel(ctx, r, o, k, img, deb, runs); err != nil {
 			return fmt.Errorf("%s: %w", kname, err)
 		}
 	}
 	return nil
 }
 
-func raceKernel(ctx context.Context, r *report, dir string, o *ours, k harness.KernelFiles, img string, deb *debianCache, runs int) error {
+func raceKernel(ctx context.Context, r *report, o *ours, k harness.KernelFiles, img string, deb *debianCache, runs int) error {
+	dir := o.dir // Debian's logs and disk copies go beside ours
 	tangLog, err := os.Create(filepath.Join(dir, "tang-"+k.Name+".log"))
 	if err != nil {
 		return err

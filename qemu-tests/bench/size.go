@@ -26,10 +26,7 @@ const sizeTarget = 4_000_000
 // a debootstrap chroot of the kernel's release and cached machine-wide
 // (see debianImages).
 func benchSize(ctx context.Context, r *report) error {
-	runs := 3
-	if r.quick {
-		runs = 1
-	}
+	runs := r.runs(3, 1)
 	bins, err := harness.Binaries(ctx)
 	if err != nil {
 		return err

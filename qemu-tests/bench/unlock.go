@@ -29,10 +29,7 @@ import (
 // program does not link boot code), cryptsetup as the wall time of the
 // command; both report their CPU time and page faults.
 func benchUnlock(ctx context.Context, r *report) error {
-	runs := 7
-	if r.quick {
-		runs = 3
-	}
+	runs := r.runs(7, 3)
 	if _, err := exec.LookPath("cryptsetup"); err != nil {
 		return fmt.Errorf("cryptsetup is required: %w", err)
 	}
