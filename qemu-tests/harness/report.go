@@ -234,8 +234,15 @@ func (v *VM) ExpectReport(timeout time.Duration) (*Report, error) {
 		}
 	}
 	var texts []string
-	for _, l := range lines[first:] {
-		texts = append(texts, l.Text)
+	for i := first; i < len(lines); i++ {
+		t := lines[i].Text
+		// A report line the kernel wrote a record into is put back
+		// together (interleavedPrefix).
+		if pre, ok := interleavedPrefix(t); ok && strings.HasPrefix(pre, TestInitPrefix) && i+1 < len(lines) {
+			t = pre + lines[i+1].Text
+			i++
+		}
+		texts = append(texts, t)
 	}
 	r, err := ParseReport(texts)
 	if err != nil {

@@ -148,6 +148,38 @@ func TestExpectations(t *testing.T) {
 	}
 }
 
+// TestExpectInterleavedKernelRecord: printk wrote a record into the middle
+// of a line of ours (seen in CI); the expectation still finds our line,
+// put back together, even when its rest arrives after the wait began, and
+// ExpectNot sees it too.
+func TestExpectInterleavedKernelRecord(t *testing.T) {
+	v, w := fakeVM()
+	go func() {
+		w.Write([]byte("unlockrd: key: token: malformed (the value is no[    3.236634] ACPI: \\_SB_.LNKD: Enabled at IRQ 10\r\n"))
+		time.Sleep(50 * time.Millisecond)
+		w.Write([]byte("t base64); using rd.unlockrd.token= instead\r\nnext\r\n"))
+	}()
+	want := "unlockrd: key: token: malformed (the value is not base64); using rd.unlockrd.token= instead"
+	if l, err := v.ExpectLine(`^unlockrd: key: token: malformed \(the value is not base64\); using`, time.Minute); err != nil || l != want {
+		t.Fatalf("ExpectLine = %q, %v; want %q", l, err, want)
+	}
+	if l, err := v.ExpectLine(`^next$`, time.Second); err != nil {
+		t.Fatalf("the line after: %q, %v", l, err)
+	}
+	// The kernel's own record is still a line of its own.
+	if _, ok := v.Find(`^unlockrd: key: .*\[    3\.236634\] ACPI`); !ok {
+		t.Error("raw line lost")
+	}
+	w.Write([]byte("unlockrd: sec[    4.000000] kernel says hi\r\nret leaked\r\nTESTINIT: done\r\n"))
+	if _, err := v.ExpectNot(`secret leaked`, `done$`, time.Second); err == nil {
+		t.Error("ExpectNot missed a bad line split by a kernel record")
+	}
+	// A record at the start of a line is no interleaving.
+	if _, ok := interleavedPrefix("[    5.000000] virtio_blk virtio1: [vda]"); ok {
+		t.Error("a kernel line taken for an interleaved one")
+	}
+}
+
 func TestParseReport(t *testing.T) {
 	lines := strings.Split(`TESTINIT: pid=7
 noise from the kernel
@@ -474,4 +506,18 @@ func (v *VM) lineTexts() []string {
 		s = append(s, l.Text)
 	}
 	return s
+}
+
+// TestExpectReportInterleaved: a report line split by a kernel record is
+// read whole.
+func TestExpectReportInterleaved(t *testing.T) {
+	v, w := fakeVM()
+	w.Write([]byte("TESTINIT: pid=1\r\nTESTINIT: root=/dev/vd[    5.075614] printk: init: 9 output lines suppressed\r\na1 ext4\r\nTESTINIT: done\r\n"))
+	r, err := v.ExpectReport(time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Root != "/dev/vda1 ext4" {
+		t.Errorf("root %q, want /dev/vda1 ext4", r.Root)
+	}
 }
