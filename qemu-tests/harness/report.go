@@ -237,9 +237,9 @@ func (v *VM) ExpectReport(timeout time.Duration) (*Report, error) {
 	for i := first; i < len(lines); i++ {
 		t := lines[i].Text
 		// A report line the kernel wrote a record into is put back
-		// together (interleavedPrefix).
-		if pre, ok := interleavedPrefix(t); ok && strings.HasPrefix(pre, TestInitPrefix) && i+1 < len(lines) {
-			t = pre + lines[i+1].Text
+		// together (rejoined).
+		if j, ok := rejoined(lines, i); ok && strings.HasPrefix(t, TestInitPrefix) {
+			t = j
 			i++
 		}
 		texts = append(texts, t)

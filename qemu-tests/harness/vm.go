@@ -430,19 +430,14 @@ func (v *VM) ExpectLineAt(pattern string, timeout time.Duration) (Line, error) {
 				v.mu.Unlock()
 				return l, nil
 			}
-			if pre, ok := interleavedPrefix(v.lines[next].Text); ok {
-				if next+1 == len(v.lines) {
-					if !v.exited {
-						break // wait for the rest of the line
-					}
-					continue
-				}
-				if j := pre + v.lines[next+1].Text; re.MatchString(j) {
-					v.cursor = next + 2
-					l := Line{At: v.lines[next+1].At, Text: j}
-					v.mu.Unlock()
-					return l, nil
-				}
+			if j, ok := rejoined(v.lines, next); ok && re.MatchString(j) {
+				v.cursor = next + 2
+				l := Line{At: v.lines[next+1].At, Text: j}
+				v.mu.Unlock()
+				return l, nil
+			}
+			if _, ok := interleavedPrefix(v.lines[next].Text); ok && next+1 == len(v.lines) && !v.exited {
+				break // wait for the rest of the line
 			}
 		}
 		changed, exited, exitErr := v.changed, v.exited, v.exitErr
@@ -476,11 +471,11 @@ func (v *VM) ExpectNot(bad, end string, timeout time.Duration) (string, error) {
 	for i, l := range seen {
 		text := l.Text
 		if !re.MatchString(text) {
-			pre, ok := interleavedPrefix(text)
-			if !ok || i+1 >= len(seen) || !re.MatchString(pre+seen[i+1].Text) {
+			j, ok := rejoined(seen, i)
+			if !ok || !re.MatchString(j) {
 				continue
 			}
-			text = pre + seen[i+1].Text
+			text = j
 		}
 		return line, fmt.Errorf("harness: VM %s: line %q at %s matched %q, which must not appear", v.name, text, l.At.Round(time.Millisecond), bad)
 	}
@@ -505,6 +500,17 @@ func interleavedPrefix(text string) (string, bool) {
 		return "", false
 	}
 	return text[:loc[0]], true
+}
+
+// rejoined is line i put back together when the kernel wrote a record
+// into it (interleavedPrefix): its text before the record followed by
+// line i+1; false when line i has no such record or line i+1 is not there.
+func rejoined(lines []Line, i int) (string, bool) {
+	pre, ok := interleavedPrefix(lines[i].Text)
+	if !ok || i+1 >= len(lines) {
+		return "", false
+	}
+	return pre + lines[i+1].Text, true
 }
 
 // Wait waits up to timeout for QEMU to exit: the guest powered off, or
