@@ -75,16 +75,6 @@ const probInit = 1 << 10
 
 var errLZMA = errors.New("corrupt LZMA2 data")
 
-// newPrefixDecoder returns a decoder of the .xz file in, or nil when in is
-// not one (or holds other filters than LZMA2).
-func newPrefixDecoder(in []byte) *prefixDecoder {
-	d := new(prefixDecoder)
-	if !d.init(in) {
-		return nil
-	}
-	return d
-}
-
 // init makes d a decoder of the .xz file in, keeping the memory of its
 // output and literal probabilities from the file it decoded before; false
 // when in is not such a file.

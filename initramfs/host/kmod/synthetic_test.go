@@ -291,3 +291,14 @@ func FuzzPrefixDecoder(f *testing.F) {
 		}
 	})
 }
+
+// newPrefixDecoder returns a fresh decoder of the .xz file in, or nil when
+// in is not one (or holds other filters than LZMA2); the scan itself
+// reuses one decoder per goroutine (scanBuffers).
+func newPrefixDecoder(in []byte) *prefixDecoder {
+	d := new(prefixDecoder)
+	if !d.init(in) {
+		return nil
+	}
+	return d
+}
